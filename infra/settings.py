@@ -1,0 +1,103 @@
+"""One typed, frozen settings object for every artwatch process.
+
+Built once by the command line (``Settings()`` reads ``ARTWATCH_*`` variables)
+and passed down explicitly; no other module reads ``os.environ``. Nested
+sections take ``ARTWATCH_<SECTION>__<FIELD>``, e.g. ``ARTWATCH_WORKER__BATCH_SIZE``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "TopicNames", "WorkerSettings", "ValidationSettings"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TopicNames(_Section):
+    listings: str = "listings"
+    bids: str = "bids"
+    sales: str = "sales"
+    images: str = "images"
+    alerts: str = "alerts"
+    deadletter: str = "deadletter"
+
+    def inputs(self) -> dict[str, str]:
+        """Map record kind -> topic name for the four market feeds."""
+        return {"listings": self.listings, "bids": self.bids, "sales": self.sales, "images": self.images}
+
+
+class ValidationSettings(_Section):
+    # A listing dated a day ahead is a feed bug, not a trade; reject it at the edge.
+    max_future_skew_s: float = Field(300.0, gt=0)
+    # Images above 512 KiB travel by uri (architecture); 1 MiB leaves room for base64 + JSON.
+    max_message_bytes: int = Field(1_048_576, gt=0)
+    currencies: tuple[str, ...] = ("ETH", "WETH", "USD", "CNY", "EUR", "GBP")
+
+
+class WorkerSettings(_Section):
+    batch_size: int = Field(2000, ge=1, le=100_000)
+    batch_within_s: float = Field(0.25, gt=0)
+    partitions: int = Field(4, ge=1)
+    web_port: int = Field(6066, ge=1, le=65535)
+    metrics_port: int = Field(9464, ge=0, le=65535)
+    # Faust's per-message wait_first costs ~half its CPU; see streams/fastpath.py.
+    fast_path: bool = True
+    sink_retry_max_s: float = Field(30.0, gt=0)
+
+
+class AlertRuleSettings(_Section):
+    outlier_multiple: float = Field(3.0, gt=1)
+    outlier_window_days: float = Field(7.0, gt=0)
+    outlier_min_history: int = Field(5, ge=1)
+
+
+class Settings(BaseSettings):
+    """All configuration; see README's Configuration section for the variables.
+
+    Examples
+    --------
+    >>> s = Settings(broker_url="127.0.0.1:19092")
+    >>> s.broker_url, s.topics.sales, s.worker.batch_size
+    ('127.0.0.1:19092', 'sales', 2000)
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="ARTWATCH_", env_nested_delimiter="__", frozen=True, extra="ignore"
+    )
+
+    app_id: str = "artwatch"
+    broker_url: str = "127.0.0.1:9092"
+    # Unset: the embedded stack runs its own PostgreSQL in ``data_dir/pg``.
+    database_url: Optional[SecretStr] = None
+    data_dir: Path = Path("var")
+    embedded_pg_port: int = Field(54329, ge=1, le=65535)
+    log_level: str = "INFO"
+    topics: TopicNames = TopicNames()
+    validation: ValidationSettings = ValidationSettings()
+    worker: WorkerSettings = WorkerSettings()
+    rules: AlertRuleSettings = AlertRuleSettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if ":" not in self.broker_url.split(",")[0]:
+            raise ValueError(f"broker_url must be host:port, got {self.broker_url!r}")
+        if self.worker.metrics_port and self.worker.metrics_port == self.worker.web_port:
+            raise ValueError("worker.metrics_port and worker.web_port must differ")
+        return self
+
+    @property
+    def stack_dir(self) -> Path:
+        return self.data_dir / "stack"
+
+    def dsn(self) -> str:
+        """The database the project uses: the given URL, else the embedded server."""
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        return f"postgresql://postgres@127.0.0.1:{self.embedded_pg_port}/postgres"
