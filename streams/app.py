@@ -1,0 +1,142 @@
+"""The Faust app: one ingest agent per market topic, built from settings.
+
+``create_app(settings)`` has no import-time side effects (no module-level app,
+no loop pinned at import). Topics carry raw bytes; each agent decodes whole
+batches itself (see ``streams.records``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+from typing import Optional
+
+import faust
+
+from alerts.kinds.sale_outlier import SaleOutlierRule
+from infra.db.sink import EventSink
+from infra.metrics import Metrics, build_metrics
+from infra.settings import Settings
+from streams.pipeline import BatchPipeline, IncomingMessage, publish_pending_alerts
+from streams.storage import TABLE_SPECS
+
+__all__ = ["create_app", "AGENT_KINDS"]
+
+log = logging.getLogger(__name__)
+
+AGENT_KINDS = ("sales", "listings", "bids", "images")
+
+
+def _die(reason: str, exc: BaseException) -> None:
+    """Stop the process without committing offsets.
+
+    faust's ``take()`` acks its buffered events in a ``finally`` when the agent
+    generator is closed, so letting a failed batch propagate could commit
+    offsets of rows that were never stored. Exiting here keeps the last
+    committed offset before the failed batch; the restarted worker replays it.
+    """
+    log.critical("%s: %r; exiting without committing offsets", reason, exc, exc_info=exc)
+    logging.shutdown()
+    os._exit(70)
+
+
+def create_app(settings: Settings, metrics: Optional[Metrics] = None, dsn: Optional[str] = None) -> faust.App:
+    """Build the worker's Faust app.
+
+    Parameters
+    ----------
+    settings
+        The run's settings.
+    metrics
+        Where to count; a fresh registry when None.
+    dsn
+        Database to write to; ``settings.dsn()`` when None.
+    """
+    metrics = metrics or build_metrics()
+    dsn = dsn or settings.dsn()
+    w = settings.worker
+    app = faust.App(
+        settings.app_id,
+        broker=f"kafka://{settings.broker_url}",
+        store="memory://",
+        autodiscover=False,
+        topic_partitions=w.partitions,
+        topic_allow_declare=True,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        web_port=w.web_port,
+        web_bind="127.0.0.1",
+        stream_buffer_maxsize=max(4096, 2 * w.batch_size),
+        broker_commit_interval=1.0,
+        broker_max_poll_records=max(500, w.batch_size),
+    )
+    app.artwatch_metrics = metrics  # type: ignore[attr-defined]
+
+    def raw_topic(name: str) -> faust.TopicT:
+        return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+
+    topics = settings.topics
+    out_topics = {name: raw_topic(name) for name in (topics.alerts, topics.deadletter)}
+
+    async def publish(topic: str, key, value: bytes, headers) -> None:
+        fut = await out_topics[topic].send(key=key, value=value, headers=list(headers))
+        await fut
+
+    rule = SaleOutlierRule(
+        multiple=settings.rules.outlier_multiple,
+        window=timedelta(days=settings.rules.outlier_window_days),
+        min_history=settings.rules.outlier_min_history,
+    )
+
+    for kind in AGENT_KINDS:
+        _add_ingest_agent(app, kind, raw_topic(getattr(topics, kind)), settings, dsn, metrics, publish, rule)
+
+    @app.timer(interval=5.0)
+    async def report_lag() -> None:
+        consumer = app.consumer
+        read = getattr(consumer, "_read_offset", {})  # faust keeps no public read position
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            if high is None:
+                continue
+            pos = read.get(tp)
+            lag = high - (pos + 1 if pos is not None else 0)
+            metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(max(0, lag))
+
+    return app
+
+
+def _add_ingest_agent(app, kind, topic, settings, dsn, metrics, publish, rule) -> None:
+    sink = EventSink(
+        dsn,
+        [TABLE_SPECS[kind]],
+        retry_max_s=settings.worker.sink_retry_max_s,
+        on_retry=lambda exc: metrics.sink_retries.labels(table=kind).inc(),
+    )
+    pipeline = BatchPipeline(kind, settings, sink, metrics, publish, rule=rule)
+    size, within = settings.worker.batch_size, settings.worker.batch_within_s
+
+    async def ingest(stream) -> None:
+        if kind == "sales":
+            try:
+                resent = await publish_pending_alerts(sink, publish, settings.topics.alerts)
+            except Exception as exc:  # noqa: BLE001 - see _die
+                _die("publishing pending alerts failed", exc)
+            if resent:
+                log.info("re-sent %d alerts left unpublished by an earlier run", len(resent))
+        async for events in stream.take_events(size, within=within):
+            batch = [
+                IncomingMessage(
+                    m.topic, m.partition, m.offset, m.timestamp, m.key, m.value
+                )
+                for m in (e.message for e in events)
+            ]
+            try:
+                await pipeline.process(batch)
+            except Exception as exc:  # noqa: BLE001 - see _die
+                _die(f"{kind} batch at {batch[0].topic}[{batch[0].partition}]@{batch[0].offset} failed", exc)
+
+    ingest.__name__ = f"ingest_{kind}"
+    ingest.__qualname__ = ingest.__name__
+    app.agent(topic, name=f"artwatch.ingest_{kind}")(ingest)

@@ -1,0 +1,225 @@
+"""One batch of one input topic: validate, store, roll up, alert, dead-letter.
+
+Kept free of Faust so it can be driven by the agent, a test or a benchmark.
+Order per batch (the quix order): one database transaction (events, rollups,
+alerts, dead letters) -> produce dead letters and new alerts, awaiting
+delivery -> mark alerts published -> return, after which the agent acks the
+offsets. A crash anywhere before the return replays the batch, which the
+idempotent writes absorb.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Awaitable, Callable, Optional, Sequence
+
+import msgspec
+import psycopg
+
+from alerts.alert import Alert
+from alerts.kinds.sale_outlier import SaleFacts, SaleOutlierRule
+from infra.db.sink import EventSink
+from infra.metrics import Metrics
+from infra.settings import Settings
+from streams.records import DeadLetter, Sale
+from streams.storage import row_builder
+from streams.validation import Rejected, Validator
+
+__all__ = ["IncomingMessage", "BatchPipeline", "BatchOutcome", "Publish"]
+
+log = logging.getLogger(__name__)
+
+# publish(topic, key, value, headers) -> awaits broker acknowledgement.
+Publish = Callable[[str, Optional[bytes], bytes, Sequence[tuple[str, bytes]]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    topic: str
+    partition: int
+    offset: int
+    timestamp: float  # Kafka record timestamp, seconds since epoch
+    key: Optional[bytes]
+    value: Optional[bytes]
+
+
+@dataclass
+class BatchOutcome:
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    deadlettered: int = 0
+    alerts: list[Alert] = field(default_factory=list)
+
+
+class BatchPipeline:
+    """Process batches of one record kind (``sales``, ``listings``, ...)."""
+
+    def __init__(
+        self,
+        kind: str,
+        settings: Settings,
+        sink: EventSink,
+        metrics: Metrics,
+        publish: Publish,
+        rule: Optional[SaleOutlierRule] = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.kind = kind
+        self.settings = settings
+        self.sink = sink
+        self.metrics = metrics
+        self.publish = publish
+        self.rule = rule if kind == "sales" else None
+        self.clock = clock
+        self.validator = Validator(kind, settings.validation, clock)
+        self._row = row_builder(kind)
+
+    async def process(self, messages: Sequence[IncomingMessage]) -> BatchOutcome:
+        out = BatchOutcome(received=len(messages))
+        topic = messages[0].topic if messages else self.kind
+        self.metrics.events_in.labels(topic=topic).inc(len(messages))
+        records, stamps, dead = [], [], []
+        decode = self.validator.decode
+        for m in messages:
+            try:
+                records.append(decode(m.value))
+                stamps.append(m.timestamp)
+            except Rejected as exc:
+                dead.append(self._deadletter(m, exc))
+                log.warning(
+                    "deadletter %s[%s]@%s: %s", m.topic, m.partition, m.offset, exc
+                )
+        new_alerts: list[Alert] = []
+
+        async def before_commit(conn: psycopg.AsyncConnection, new_keys: frozenset) -> None:
+            if dead:
+                await _insert_deadletters(conn, dead)
+            if self.rule is not None and records:
+                new_alerts.extend(await self._alerts(conn, records))
+
+        result = await self.sink.write(self.kind, [self._row(r) for r in records], before_commit)
+        committed = self.clock()
+        out.stored = len(result.new_keys)
+        out.duplicates = len(records) - out.stored
+        out.deadlettered = len(dead)
+
+        for d in dead:
+            await self.publish(self.settings.topics.deadletter, d.key, msgspec.json.encode(d), _dl_headers(d))
+            self.metrics.deadletters.labels(topic=d.topic, reason=d.reason).inc()
+        if new_alerts:
+            out.alerts = await publish_pending_alerts(self.sink, self.publish, self.settings.topics.alerts)
+            for a in out.alerts:
+                self.metrics.alerts_emitted.labels(kind=a.kind).inc()
+
+        m = self.metrics
+        m.events_stored.labels(topic=topic).inc(out.stored)
+        m.events_duplicate.labels(topic=topic).inc(out.duplicates)
+        m.sink_batch_rows.labels(table=self.kind).observe(len(records))
+        m.sink_batch_seconds.labels(table=self.kind).observe(result.seconds)
+        latency = m.event_to_stored.labels(topic=topic)
+        for ts in stamps:
+            latency.observe(max(0.0, committed - ts))
+        return out
+
+    def _deadletter(self, m: IncomingMessage, exc: Rejected) -> DeadLetter:
+        return DeadLetter(
+            ts=datetime.fromtimestamp(self.clock(), timezone.utc),
+            topic=m.topic,
+            partition=m.partition,
+            offset=m.offset,
+            reason=exc.reason,
+            error=exc.error[:1000],
+            key=m.key,
+            # Keep what fits; an oversized payload is cut, its size is in the error.
+            value=m.value[: self.settings.validation.max_message_bytes] if m.value else m.value,
+        )
+
+    async def _alerts(self, conn: psycopg.AsyncConnection, sales: list[Sale]) -> list[Alert]:
+        rule = self.rule
+        assert rule is not None
+        ordered = sorted(sales, key=lambda s: (s.ts, s.event_id))
+        await _warm_rule(conn, rule, ordered)
+        alerts = [
+            a
+            for s in ordered
+            if (a := rule.observe(SaleFacts(s.event_id, s.ts, s.collection, s.item_id, s.currency, s.price, s.synthetic)))
+        ]
+        if not alerts:
+            return []
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO alerts (alert_id, ts, kind, severity, subject, collection, evidence, model_versions, synthetic)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                [
+                    (a.alert_id, a.ts, a.kind, a.severity, a.subject, a.collection,
+                     psycopg.types.json.Jsonb(a.evidence), psycopg.types.json.Jsonb(a.model_versions), a.synthetic)
+                    for a in alerts
+                ],
+            )
+        return alerts
+
+
+async def _warm_rule(conn: psycopg.AsyncConnection, rule: SaleOutlierRule, ordered: list[Sale]) -> None:
+    """Load each unseen (collection, currency) window from the database, up to the batch's first sale."""
+    firsts: dict[tuple[str, str], datetime] = {}
+    for s in ordered:
+        firsts.setdefault((s.collection, s.currency), s.ts)
+    for (collection, currency), first in firsts.items():
+        if rule.knows(collection, currency):
+            continue
+        cur = await conn.execute(
+            "SELECT ts, event_id, price FROM sales WHERE collection = %s AND currency = %s"
+            " AND ts >= %s AND ts < %s ORDER BY ts",
+            (collection, currency, first - rule.window, first),
+        )
+        rule.warm(collection, currency, await cur.fetchall())
+
+
+async def _insert_deadletters(conn: psycopg.AsyncConnection, dead: list[DeadLetter]) -> None:
+    async with conn.cursor() as cur:
+        await cur.executemany(
+            'INSERT INTO deadletters (topic, "partition", "offset", ts, reason, error, key, value)'
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            [(d.topic, d.partition, d.offset, d.ts, d.reason, d.error, d.key, d.value) for d in dead],
+        )
+
+
+def _dl_headers(d: DeadLetter) -> list[tuple[str, bytes]]:
+    return [
+        ("x-error-class", d.reason.encode()),
+        ("x-source-topic", d.topic.encode()),
+        ("x-source-partition", str(d.partition).encode()),
+        ("x-source-offset", str(d.offset).encode()),
+    ]
+
+
+async def publish_pending_alerts(sink: EventSink, publish: Publish, topic: str) -> list[Alert]:
+    """The outbox: send every stored, unpublished alert, then mark it published.
+
+    Runs after each batch that raised alerts and once at worker start, so an
+    alert committed just before a crash still reaches the topic.
+    """
+    conn = await sink.connect()
+    async with conn.transaction():
+        cur = await conn.execute(
+            "SELECT alert_id, ts, kind, severity, subject, collection, evidence, model_versions, synthetic"
+            " FROM alerts WHERE published_at IS NULL ORDER BY ts FOR UPDATE SKIP LOCKED"
+        )
+        rows = await cur.fetchall()
+        alerts = [
+            Alert(alert_id=r[0], ts=r[1], kind=r[2], severity=r[3], subject=r[4], collection=r[5],
+                  evidence=r[6], model_versions=r[7], synthetic=r[8])
+            for r in rows
+        ]
+        for a in alerts:
+            await publish(topic, a.subject.encode(), msgspec.json.encode(a), [("x-alert-kind", a.kind.encode())])
+        if alerts:
+            await conn.execute(
+                "UPDATE alerts SET published_at = now() WHERE alert_id = ANY(%s) AND published_at IS NULL",
+                ([a.alert_id for a in alerts],),
+            )
+    return alerts

@@ -1,0 +1,73 @@
+"""Edge validation: raw Kafka bytes in, a typed record or a rejection reason out."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Callable
+
+import msgspec
+
+from infra.settings import ValidationSettings
+from streams.records import RECORD_TYPES, Event
+
+__all__ = ["Validator", "Rejected", "REASONS"]
+
+# Bounded label values of artwatch_streams_deadletter_total{reason}.
+REASONS = ("oversized", "malformed_json", "missing_field", "invalid_field", "future_timestamp", "empty")
+
+
+class Rejected(Exception):
+    """A message that cannot become a record; ``reason`` is one of REASONS."""
+
+    def __init__(self, reason: str, error: str) -> None:
+        super().__init__(f"{reason}: {error}")
+        self.reason = reason
+        self.error = error
+
+
+class Validator:
+    """Decode and check messages of one record kind.
+
+    Examples
+    --------
+    >>> from infra.settings import ValidationSettings
+    >>> v = Validator("sales", ValidationSettings())
+    >>> v.decode(b'{"event_id": "x"')
+    Traceback (most recent call last):
+    ...
+    streams.validation.Rejected: malformed_json: Input data was truncated
+    """
+
+    def __init__(
+        self, kind: str, settings: ValidationSettings, clock: Callable[[], float] = time.time
+    ) -> None:
+        if kind not in RECORD_TYPES:
+            raise ValueError(f"unknown record kind {kind!r}; known: {sorted(RECORD_TYPES)}")
+        self.kind = kind
+        self.max_bytes = settings.max_message_bytes
+        self.max_skew = settings.max_future_skew_s
+        self.clock = clock
+        self._decoder = msgspec.json.Decoder(RECORD_TYPES[kind])
+
+    def decode(self, value: bytes | None) -> Event:
+        if not value:
+            raise Rejected("empty", "message has no value")
+        if len(value) > self.max_bytes:
+            raise Rejected("oversized", f"{len(value)} bytes > limit {self.max_bytes}")
+        try:
+            record = self._decoder.decode(value)
+        except msgspec.ValidationError as exc:
+            msg = str(exc)
+            raise Rejected("missing_field" if "missing required field" in msg else "invalid_field", msg) from None
+        except msgspec.DecodeError as exc:
+            raise Rejected("malformed_json", str(exc)) from None
+        limit = self.clock() + self.max_skew
+        if record.ts.timestamp() > limit:
+            ahead = record.ts.timestamp() - self.clock()
+            raise Rejected(
+                "future_timestamp",
+                f"ts {record.ts.isoformat()} is {ahead:.0f}s ahead of now "
+                f"(limit {self.max_skew:.0f}s, now {datetime.fromtimestamp(self.clock(), timezone.utc).isoformat()})",
+            )
+        return record
