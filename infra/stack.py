@@ -188,7 +188,10 @@ class Stack:
         started = {"broker": False, "database": False}
         try:
             started["broker"] = self._broker_up(deadline)
-            started["database"] = self._pg_up(deadline) if self.embedded else self._external_check(deadline)
+            if self.embedded:
+                started["database"] = self._pg_up(deadline)
+            else:  # only checked; a wrong URL should not stall for the whole timeout
+                self._wait_db(min(deadline, time.monotonic() + 10))
         except BaseException:
             log.info("start failed; stopping what this call started")
             with contextlib.suppress(StackError):
@@ -255,7 +258,8 @@ class Stack:
     def _broker_up(self, deadline: float) -> bool:
         logfile, url = self.stack_dir / "tansu.log", f"tcp://{self.broker_hostport}"
         pid = _live_pid(self.broker_pidfile, "tansu")
-        if pid is None:
+        started = pid is None
+        if started:
             if _port_busy(self.broker_host, self.broker_port):
                 raise StackError(f"broker port {self.broker_port} on {self.broker_host} is already in use by "
                                  "another process; stop it or set ARTWATCH_BROKER_URL to a free host:port")
@@ -269,16 +273,18 @@ class Stack:
                                         start_new_session=True, cwd=self.stack_dir)
             _CHILDREN[proc.pid] = proc
             self.broker_pidfile.write_text(f"{proc.pid}\n")
-        elif url not in (_cmdline(pid) or url):
+            pid = proc.pid
+        elif f"{url} " not in (_cmdline(pid) or f"{url} "):
             raise StackError(f"the broker from an earlier run (pid {pid}) does not listen on {url}; "
                              "run `down` first")
         while not self._broker_answers():
-            if _live_pid(self.broker_pidfile, "tansu") is None:
+            if not _alive(pid):
+                self.broker_pidfile.unlink(missing_ok=True)
                 raise StackError(f"broker exited during startup; {_tail(logfile)}")
             if time.monotonic() >= deadline:
                 raise StackError(f"broker did not answer on {self.broker_hostport} in time; {_tail(logfile)}")
             time.sleep(0.1)
-        return pid is None
+        return started
 
     def _broker_answers(self) -> bool:
         try:  # cheap first: no admin client (and its error logs) before the port listens
@@ -316,13 +322,14 @@ class Stack:
             self._pg_error = str(exc).strip()
             return False
 
-    def _external_check(self, deadline: float) -> bool:
-        until = min(deadline, time.monotonic() + 10)
+    def _wait_db(self, deadline: float) -> None:
+        logfile = self.stack_dir / "pg.log"
         while not self._pg_answers():
-            if time.monotonic() >= until:
+            if self.embedded and _live_pid(self.pgdata / "postmaster.pid", "postgres") is None:
+                raise StackError(f"PostgreSQL exited during startup; {_tail(logfile)}")
+            if time.monotonic() >= deadline:
                 raise StackError(f"database {mask_dsn(self.settings.dsn())} does not answer: {self._pg_error}")
-            time.sleep(0.2)
-        return False
+            time.sleep(0.1)
 
     def _pg_user(self) -> Optional[pwd.struct_passwd]:
         """As root: the unprivileged system user that runs PostgreSQL (created once)."""
@@ -331,14 +338,15 @@ class Stack:
         with contextlib.suppress(KeyError):
             return pwd.getpwnam(PG_SYSTEM_USER)
         try:
-            subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                            PG_SYSTEM_USER], check=True, capture_output=True, text=True)
-        except (OSError, subprocess.CalledProcessError) as exc:
-            with contextlib.suppress(KeyError):  # another process may have won the race
-                return pwd.getpwnam(PG_SYSTEM_USER)
+            why = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                                  PG_SYSTEM_USER], capture_output=True, text=True).stderr.strip()
+        except OSError as exc:  # no useradd
+            why = str(exc)
+        try:  # also fine when another process won the race
+            return pwd.getpwnam(PG_SYSTEM_USER)
+        except KeyError:
             raise StackError(f"PostgreSQL cannot run as root and user {PG_SYSTEM_USER!r} could not be "
-                             f"created: {getattr(exc, 'stderr', None) or exc}") from exc
-        return pwd.getpwnam(PG_SYSTEM_USER)
+                             f"created: {why}") from None
 
     def _pg_run(self, args: list[str], user: Optional[pwd.struct_passwd], timeout: float) -> None:
         argv = [_pg_bin(args[0]), *args[1:]]
@@ -371,10 +379,9 @@ class Stack:
                     p.chmod(p.stat().st_mode | stat.S_IXOTH)
             for p in (sock, logfile):
                 os.chown(p, user.pw_uid, user.pw_gid)
-            if self.pgdata.stat().st_uid != user.pw_uid:
-                for root, dirs, files in os.walk(self.pgdata):
-                    for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
-                        os.chown(name, user.pw_uid, user.pw_gid)
+            if self.pgdata.stat().st_uid != user.pw_uid:  # e.g. made by an earlier non-root run
+                for p in [self.pgdata, *self.pgdata.rglob("*")]:
+                    os.chown(p, user.pw_uid, user.pw_gid)
         return sock
 
     def _pg_up(self, deadline: float) -> bool:
@@ -395,12 +402,7 @@ class Stack:
             wait = max(int(deadline - time.monotonic()), 5)
             self._pg_run(["pg_ctl", "start", "-w", "-t", str(wait), "-D", str(self.pgdata), "-l", str(logfile),
                           "-o", f"-h 127.0.0.1 -p {port} -k {shlex.quote(str(sock))}"], user, wait + 5)
-        while not self._pg_answers():
-            if _live_pid(self.pgdata / "postmaster.pid", "postgres") is None:
-                raise StackError(f"PostgreSQL exited during startup; {_tail(logfile)}")
-            if time.monotonic() >= deadline:
-                raise StackError(f"PostgreSQL did not answer on port {port} in time: {self._pg_error}")
-            time.sleep(0.1)
+        self._wait_db(deadline)
         return started
 
     def _pg_down(self, timeout: float) -> None:

@@ -10,7 +10,6 @@ event id).
 from __future__ import annotations
 
 import bisect
-from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -38,27 +37,31 @@ class SaleFacts:
 
 @dataclass
 class _Window:
-    by_time: deque = field(default_factory=deque)  # (ts, event_id, price), ts ascending
-    prices: list = field(default_factory=list)  # sorted prices of the same rows
+    # Both lists stay sorted; inserts are bisect + memmove (fast in C even for
+    # 10^5 rows), so events arriving out of order across partitions are cheap.
+    by_time: list = field(default_factory=list)  # (ts, event_id, price)
+    prices: list = field(default_factory=list)  # the same rows' prices
     ids: set = field(default_factory=set)
 
     def add(self, ts: datetime, event_id: str, price: Decimal) -> None:
         if event_id in self.ids:
             return
         self.ids.add(event_id)
-        if not self.by_time or ts >= self.by_time[-1][0]:
-            self.by_time.append((ts, event_id, price))
-        else:  # late event: keep time order (rare, O(n))
-            items = list(self.by_time)
-            bisect.insort(items, (ts, event_id, price))
-            self.by_time = deque(items)
+        row = (ts, event_id, price)
+        if not self.by_time or row >= self.by_time[-1]:
+            self.by_time.append(row)
+        else:
+            bisect.insort(self.by_time, row)
         bisect.insort(self.prices, price)
 
     def expire(self, before: datetime) -> None:
-        while self.by_time and self.by_time[0][0] < before:
-            _, event_id, price = self.by_time.popleft()
+        if not self.by_time or self.by_time[0][0] >= before:
+            return
+        cut = bisect.bisect_left(self.by_time, (before,))
+        for _, event_id, price in self.by_time[:cut]:
             self.ids.discard(event_id)
             del self.prices[bisect.bisect_left(self.prices, price)]
+        del self.by_time[:cut]
 
     def median(self) -> Decimal:
         p, n = self.prices, len(self.prices)

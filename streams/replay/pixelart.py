@@ -253,7 +253,9 @@ def _decode_sheet(path: str, mtime_ns: int, size: int) -> np.ndarray:
     with open(path, "rb") as fh:
         px = decode_png(fh.read())
     if px.shape[:2] != (SPRITE_SHEET_SIZE, SPRITE_SHEET_SIZE):
-        raise ValueError(f"{path}: expected a {SPRITE_SHEET_SIZE}x{SPRITE_SHEET_SIZE} sprite sheet, got {px.shape[1]}x{px.shape[0]}")
+        raise ValueError(
+            f"{path}: expected a {SPRITE_SHEET_SIZE}x{SPRITE_SHEET_SIZE} sprite sheet, got {px.shape[1]}x{px.shape[0]}"
+        )
     px.setflags(write=False)
     return px
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import msgspec
 
 from infra.settings import TopicNames
+from streams.replay.errors import PublishError
 from streams.replay.timeline import TimelineEntry
 
 __all__ = ["DEFAULT_PRODUCER_CONFIG", "publish", "ensure_topics", "pace_delay"]
@@ -80,7 +81,7 @@ def publish(
         capped at ``max_sleep_s``.
     progress : callable, optional
         Called as ``progress(n_sent)`` every ``progress_every`` records and
-        once at the end.
+        with the final count at the end (once per count).
     max_sleep_s : float, optional
         Cap of a single paced wait (2 s).
     progress_every : int, optional
@@ -97,7 +98,7 @@ def publish(
     ------
     KeyError
         A kind without a topic in ``topics.inputs()``.
-    RuntimeError
+    PublishError
         When any send failed (first error chained); the rest were flushed.
     """
     from kafka import KafkaProducer  # imported lazily: heavy, warns on import
@@ -133,10 +134,10 @@ def publish(
         producer.flush()
     finally:
         producer.close()
-    if progress is not None:
+    if progress is not None and (sent == 0 or sent % progress_every):
         progress(sent)
     if errors:
-        raise RuntimeError(f"{len(errors)} of {sent} records failed to publish") from errors[0]
+        raise PublishError(f"{len(errors)} of {sent} records failed to publish: {errors[0]!r}") from errors[0]
     log.info("published %d records: %s", sent, dict(counts))
     return dict(counts)
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Optional, Sequence
 
@@ -82,6 +82,9 @@ class SyntheticConfig:
         Decimal places of generated prices.
     marketplace : str
         Marketplace of the listings.
+    market_open : datetime
+        Nothing is generated before this (the CryptoPunks market contract
+        went live on 2017-06-23; punks were claimed, not bought, before).
     """
 
     listing_probability: float = 0.6
@@ -94,6 +97,7 @@ class SyntheticConfig:
     max_bids: int = 3
     decimals: int = 6
     marketplace: str = "larvalabs"
+    market_open: datetime = datetime(2017, 6, 23, tzinfo=timezone.utc)
 
 
 DEFAULT_CONFIG = SyntheticConfig()
@@ -109,16 +113,16 @@ def _price(base: Decimal, factor: float, decimals: int) -> Decimal:
     return max(value, Decimal(0).quantize(_quantum(decimals)))
 
 
-def _windows(sales: Sequence[Sale], max_lead: timedelta):
+def _windows(sales: Sequence[Sale], config: SyntheticConfig):
     """Yield (sale, earliest allowed ts, window seconds) per sale.
 
     The window opens one second after the punk's previous sale (or
-    ``max_lead`` before this one, whichever is later) and closes one second
-    before this sale. ``window_s < 1`` means no room.
+    ``max_lead`` before this one, or ``market_open``, whichever is latest)
+    and closes one second before this sale. ``window_s < 1`` means no room.
     """
     last_sale: dict[str, datetime] = {}
     for sale in sales:
-        lower = sale.ts - max_lead
+        lower = max(sale.ts - config.max_lead, config.market_open)
         prev = last_sale.get(sale.item_id)
         if prev is not None and prev + timedelta(seconds=1) > lower:
             lower = prev + timedelta(seconds=1)
@@ -162,7 +166,7 @@ def synthetic_listings(
     """
     rng = random.Random(f"artwatch-synthetic-listings:{seed}")
     out: list[Listing] = []
-    for sale, window_s in _windows(sales, config.max_lead):
+    for sale, window_s in _windows(sales, config):
         # Draw first so that the stream of draws does not depend on the window.
         if rng.random() >= config.listing_probability:
             continue
@@ -227,7 +231,7 @@ def synthetic_punk_bids(
     rng = random.Random(f"artwatch-synthetic-punk-bids:{seed}")
     out: list[Bid] = []
     q = _quantum(config.decimals)
-    for sale, window_s in _windows(sales, config.max_lead):
+    for sale, window_s in _windows(sales, config):
         accepted = sale.buyer == ZERO_ADDRESS
         if not accepted and rng.random() >= config.bid_probability:
             continue

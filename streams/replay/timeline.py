@@ -22,9 +22,11 @@ The punk feeds run 2017-06 .. 2021-04 and the auction bids 2020-12 ..
 
 Examples
 --------
->>> tl = build_timeline(seed=7, limit=5)
->>> [(kind, key) for kind, key, _ in tl]
-[('images', '3134'), ('listings', '3134'), ('images', '544'), ('sales', '544'), ('images', '1095')]
+>>> tl = build_timeline(seed=7, limit=6)
+>>> [kind for kind, _, _ in tl]
+['images', 'listings', 'images', 'bids', 'images', 'bids']
+>>> tl[0][1] == tl[1][1] == tl[1][2].item_id, tl[3][1] == tl[3][2].auction_id
+(True, True)
 >>> from datetime import datetime, timezone
 >>> tl = build_timeline(seed=7, limit=2000, start=datetime(2020, 12, 26, tzinfo=timezone.utc))
 >>> sorted({kind for kind, _, _ in tl})
@@ -129,8 +131,8 @@ def iter_timeline(
             continue
         if end is not None and ts >= end:
             return
-        if images and record.collection == PUNKS_COLLECTION and record.item_id not in seen:  # type: ignore[attr-defined]
-            item_id = record.item_id  # type: ignore[attr-defined]
+        item_id = getattr(record, "item_id", "")
+        if images and item_id not in seen and getattr(record, "collection", "") == PUNKS_COLLECTION:
             seen.add(item_id)
             image: Image
             if sprite_path is not None:
@@ -195,8 +197,8 @@ def count_kinds(timeline: Iterable[TimelineEntry]) -> dict[str, int]:
 
     Examples
     --------
-    >>> count_kinds(build_timeline(seed=7, limit=4))
-    {'images': 2, 'listings': 1, 'sales': 1, 'real': 1, 'synthetic': 3}
+    >>> count_kinds(build_timeline(seed=7, limit=6))
+    {'images': 3, 'listings': 1, 'bids': 2, 'real': 0, 'synthetic': 6}
     """
     kinds: Counter[str] = Counter()
     real = synthetic = 0
