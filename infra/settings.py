@@ -8,7 +8,7 @@ sections take ``ARTWATCH_<SECTION>__<FIELD>``, e.g. ``ARTWATCH_WORKER__BATCH_SIZ
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,8 +47,9 @@ class WorkerSettings(_Section):
     partitions: int = Field(4, ge=1)
     web_port: int = Field(6066, ge=1, le=65535)
     metrics_port: int = Field(9464, ge=0, le=65535)
-    # Faust's per-message wait_first costs ~half its CPU; see streams/fastpath.py.
-    fast_path: bool = True
+    # batch: fetch-sized batches with manual commits inside the Faust worker
+    # (streams/batch_ingest.py explains why); agents: one Faust agent per topic.
+    engine: Literal["batch", "agents"] = "batch"
     sink_retry_max_s: float = Field(30.0, gt=0)
 
 

@@ -18,6 +18,7 @@ from alerts.kinds.sale_outlier import SaleOutlierRule
 from infra.db.sink import EventSink
 from infra.metrics import Metrics, build_metrics
 from infra.settings import Settings
+from streams.batch_ingest import BatchIngest
 from streams.pipeline import BatchPipeline, IncomingMessage, publish_pending_alerts
 from streams.storage import TABLE_SPECS
 
@@ -89,9 +90,39 @@ def create_app(settings: Settings, metrics: Optional[Metrics] = None, dsn: Optio
         min_history=settings.rules.outlier_min_history,
     )
 
-    for kind in AGENT_KINDS:
-        _add_ingest_agent(app, kind, raw_topic(getattr(topics, kind)), settings, dsn, metrics, publish, rule)
+    def pipeline(kind: str) -> BatchPipeline:
+        sink = EventSink(
+            dsn,
+            [TABLE_SPECS[kind]],
+            retry_max_s=w.sink_retry_max_s,
+            on_retry=lambda exc: metrics.sink_retries.labels(table=kind).inc(),
+        )
+        return BatchPipeline(kind, settings, sink, metrics, publish, rule=rule)
 
+    pipelines = {getattr(topics, kind): pipeline(kind) for kind in AGENT_KINDS}
+    sales = pipelines[topics.sales]
+
+    @app.task
+    async def resend_pending_alerts() -> None:
+        try:
+            resent = await publish_pending_alerts(sales.sink, publish, topics.alerts)
+        except Exception as exc:  # noqa: BLE001 - see _die
+            _die("publishing pending alerts failed", exc)
+        if resent:
+            log.info("re-sent %d alerts left unpublished by an earlier run", len(resent))
+
+    if w.engine == "batch":
+        ingest = BatchIngest(settings, pipelines, metrics, _die, loop=app.loop, beacon=app.beacon)
+        app.artwatch_ingest = ingest  # type: ignore[attr-defined]
+        app._extra_services.append(ingest)  # faust's @app.service, for an instance
+    else:
+        for name, p in pipelines.items():
+            _add_ingest_agent(app, raw_topic(name), p, w.batch_size, w.batch_within_s)
+        _add_lag_timer(app, metrics)
+    return app
+
+
+def _add_lag_timer(app: faust.App, metrics: Metrics) -> None:
     @app.timer(interval=5.0)
     async def report_lag() -> None:
         consumer = app.consumer
@@ -104,39 +135,20 @@ def create_app(settings: Settings, metrics: Optional[Metrics] = None, dsn: Optio
             lag = high - (pos + 1 if pos is not None else 0)
             metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(max(0, lag))
 
-    return app
 
-
-def _add_ingest_agent(app, kind, topic, settings, dsn, metrics, publish, rule) -> None:
-    sink = EventSink(
-        dsn,
-        [TABLE_SPECS[kind]],
-        retry_max_s=settings.worker.sink_retry_max_s,
-        on_retry=lambda exc: metrics.sink_retries.labels(table=kind).inc(),
-    )
-    pipeline = BatchPipeline(kind, settings, sink, metrics, publish, rule=rule)
-    size, within = settings.worker.batch_size, settings.worker.batch_within_s
+def _add_ingest_agent(app: faust.App, topic, pipeline: BatchPipeline, size: int, within: float) -> None:
+    """The Faust agent engine: same pipeline, batches from ``take_events``."""
 
     async def ingest(stream) -> None:
-        if kind == "sales":
-            try:
-                resent = await publish_pending_alerts(sink, publish, settings.topics.alerts)
-            except Exception as exc:  # noqa: BLE001 - see _die
-                _die("publishing pending alerts failed", exc)
-            if resent:
-                log.info("re-sent %d alerts left unpublished by an earlier run", len(resent))
         async for events in stream.take_events(size, within=within):
             batch = [
-                IncomingMessage(
-                    m.topic, m.partition, m.offset, m.timestamp, m.key, m.value
-                )
+                IncomingMessage(m.topic, m.partition, m.offset, m.timestamp, m.key, m.value)
                 for m in (e.message for e in events)
             ]
             try:
                 await pipeline.process(batch)
             except Exception as exc:  # noqa: BLE001 - see _die
-                _die(f"{kind} batch at {batch[0].topic}[{batch[0].partition}]@{batch[0].offset} failed", exc)
+                _die(f"{pipeline.kind} batch at {batch[0].topic}[{batch[0].partition}]@{batch[0].offset} failed", exc)
 
-    ingest.__name__ = f"ingest_{kind}"
-    ingest.__qualname__ = ingest.__name__
-    app.agent(topic, name=f"artwatch.ingest_{kind}")(ingest)
+    ingest.__name__ = ingest.__qualname__ = f"ingest_{pipeline.kind}"
+    app.agent(topic, name=f"artwatch.ingest_{pipeline.kind}")(ingest)

@@ -1,0 +1,152 @@
+"""The batch ingest engine: a service inside the Faust worker that reads the
+market topics with aiokafka ``getmany`` and commits offsets by hand.
+
+Why not a Faust agent for this path: stock Faust spends ~200 µs of CPU per
+message on this machine (its per-message ``wait_first`` hand-off and stream
+bookkeeping; BENCHMARKS.md), capping one worker at ~4,600 events/s before any
+work is done, and ``Stream.take()`` acks its buffer in a ``finally`` when the
+agent fails. Here a whole fetch is one unit: validate, one transaction per
+topic, produce, then commit exactly the offsets that were stored. The Faust
+worker still owns the process, producer, web server, timers and the
+agent engine (``ARTWATCH_WORKER__ENGINE=agents``), which shares the same
+``BatchPipeline``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from typing import Callable, Mapping
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError
+from mode import Service
+
+from infra.metrics import Metrics
+from infra.settings import Settings
+from streams.pipeline import BatchPipeline, IncomingMessage
+
+__all__ = ["BatchIngest"]
+
+log = logging.getLogger(__name__)
+
+
+class BatchIngest(Service):
+    """Consume ``pipelines``' topics in fetch-sized batches.
+
+    Parameters
+    ----------
+    settings
+        Broker, group and batch settings.
+    pipelines
+        Topic name -> the pipeline that processes that topic.
+    metrics
+        Where the consumer lag goes.
+    on_fatal
+        Called with the exception when a batch cannot be processed; the
+        worker exits there without committing (see ``streams.app._die``).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        pipelines: Mapping[str, BatchPipeline],
+        metrics: Metrics,
+        on_fatal: Callable[[str, BaseException], None],
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.pipelines = dict(pipelines)
+        self.metrics = metrics
+        self.on_fatal = on_fatal
+        self.consumer: AIOKafkaConsumer | None = None
+        self.batches = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def on_start(self) -> None:
+        w = self.settings.worker
+        self.consumer = AIOKafkaConsumer(
+            *self.pipelines,
+            bootstrap_servers=self.settings.broker_url,
+            group_id=f"{self.settings.app_id}-ingest",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=w.batch_size,
+            fetch_max_wait_ms=int(w.batch_within_s * 1000),
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_bytes=32 * 1024 * 1024,
+        )
+        await self.consumer.start()
+        log.info("batch ingest consuming %s", ", ".join(self.pipelines))
+
+    async def on_stop(self) -> None:
+        # Let the batch in hand finish (store, produce, commit) before mode
+        # cancels the consume task; a cancel mid-batch would only roll back.
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=self.settings.worker.sink_retry_max_s)
+        except asyncio.TimeoutError:
+            log.warning("stopping mid-batch; its events will be re-read on restart")
+
+    async def on_shutdown(self) -> None:
+        if self.consumer is not None:
+            await self.consumer.stop()
+            self.consumer = None
+        for p in self.pipelines.values():
+            await p.sink.close()
+
+    @Service.task
+    async def _consume(self) -> None:
+        consumer = self.consumer
+        assert consumer is not None
+        size = self.settings.worker.batch_size
+        while not self.should_stop:
+            fetched = await consumer.getmany(timeout_ms=int(self.settings.worker.batch_within_s * 1000), max_records=size)
+            if not fetched:
+                continue
+            self._idle.clear()
+            by_topic: dict[str, list] = defaultdict(list)
+            for tp, records in fetched.items():
+                by_topic[tp.topic].extend(records)
+            for topic, records in by_topic.items():
+                batch = [
+                    IncomingMessage(r.topic, r.partition, r.offset, r.timestamp / 1000.0, r.key, r.value)
+                    for r in records
+                ]
+                try:
+                    await self.pipelines[topic].process(batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - crash without committing
+                    self.on_fatal(f"{topic} batch at offset {batch[0].offset} failed", exc)
+                    raise
+            await self._commit({tp: records[-1].offset + 1 for tp, records in fetched.items()})
+            self.batches += 1
+            self._idle.set()
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        """Commit what was stored. A rebalance may have moved a partition away;
+        its new owner re-reads those events and the idempotent sink drops them."""
+        consumer = self.consumer
+        assert consumer is not None
+        try:
+            await consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            log.warning("offset commit skipped after rebalance (%s); events will be re-read idempotently", exc)
+
+    @Service.timer(5.0)
+    async def _report_lag(self) -> None:
+        consumer = self.consumer
+        if consumer is None:
+            return
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            if high is None:
+                continue
+            try:
+                pos = await consumer.position(tp)
+            except IllegalStateError:
+                continue
+            self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(max(0, high - pos))
