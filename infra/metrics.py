@@ -8,12 +8,86 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import threading
 
-__all__ = ["Metrics", "build_metrics"]
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+
+__all__ = ["Metrics", "build_metrics", "BulkHistogram"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000, 20000)
+
+
+class _BulkChild:
+    def __init__(self, bounds: np.ndarray) -> None:
+        self.bounds = bounds
+        self.counts = np.zeros(len(bounds) + 1, dtype=np.int64)
+        self.total = 0.0
+        self.lock = threading.Lock()
+
+    def observe_many(self, values) -> None:
+        arr = np.asarray(values, dtype=np.float64)
+        if arr.size == 0:
+            return
+        hits = np.bincount(np.searchsorted(self.bounds, arr, side="left"), minlength=len(self.counts))
+        with self.lock:
+            self.counts += hits
+            self.total += float(arr.sum())
+
+    def observe(self, value: float) -> None:
+        self.observe_many((value,))
+
+
+class BulkHistogram:
+    """A labelled Prometheus histogram fed a whole batch at a time.
+
+    ``prometheus_client.Histogram.observe`` costs ~6 µs per value here, more
+    than decoding the event; a batch of 2,000 latencies goes through numpy in
+    one call instead. Exposition is a standard histogram.
+
+    Examples
+    --------
+    >>> r = CollectorRegistry()
+    >>> h = BulkHistogram("artwatch_demo_seconds", "Demo.", ["topic"], (0.1, 1.0), r)
+    >>> h.labels(topic="sales").observe_many([0.05, 0.5, 0.5, 3.0])
+    >>> r.get_sample_value("artwatch_demo_seconds_bucket", {"topic": "sales", "le": "1.0"})
+    3.0
+    >>> r.get_sample_value("artwatch_demo_seconds_count", {"topic": "sales"})
+    4.0
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames, buckets, registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.bounds = np.asarray(sorted(buckets), dtype=np.float64)
+        self._children: dict[tuple[str, ...], _BulkChild] = {}
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def labels(self, **labels: str) -> _BulkChild:
+        key = tuple(str(labels[n]) for n in self.labelnames)
+        child = self._children.get(key)
+        if child is None:
+            with self._lock:
+                child = self._children.setdefault(key, _BulkChild(self.bounds))
+        return child
+
+    def describe(self):
+        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self):
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for key, child in list(self._children.items()):
+            with child.lock:
+                cumulative = np.cumsum(child.counts)
+                total = child.total
+            buckets = [(repr(float(b)), float(c)) for b, c in zip(self.bounds, cumulative[:-1])]
+            buckets.append(("+Inf", float(cumulative[-1])))
+            family.add_metric(list(key), buckets, total)
+        yield family
 
 
 @dataclass(frozen=True)
@@ -26,8 +100,9 @@ class Metrics:
     sink_batch_rows: Histogram
     sink_batch_seconds: Histogram
     sink_retries: Counter
-    event_to_stored: Histogram
+    event_to_stored: BulkHistogram
     consumer_lag: Gauge
+    assigned_partitions: Gauge
     alerts_emitted: Counter
 
 
@@ -74,15 +149,20 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "artwatch_infra_db_retries", "Sink transactions retried after a transient database error.",
             ["table"], registry=r,
         ),
-        event_to_stored=Histogram(
+        event_to_stored=BulkHistogram(
             "artwatch_streams_event_to_stored_seconds",
             "From the event's Kafka timestamp (when it entered the broker) to its database commit.",
-            ["topic"], buckets=_LATENCY_BUCKETS, registry=r,
+            ["topic"], _LATENCY_BUCKETS, r,
         ),
         consumer_lag=Gauge(
             "artwatch_streams_consumer_lag_messages",
             "Highwater minus the worker's read position, per assigned partition.",
             ["topic", "partition"], registry=r,
+        ),
+        assigned_partitions=Gauge(
+            "artwatch_streams_assigned_partitions",
+            "Input partitions this worker owns now (0 until it joined its group).",
+            registry=r,
         ),
         alerts_emitted=Counter(
             "artwatch_alerts_emitted", "Alerts stored and published.", ["kind"], registry=r

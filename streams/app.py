@@ -127,7 +127,9 @@ def _add_lag_timer(app: faust.App, metrics: Metrics) -> None:
     async def report_lag() -> None:
         consumer = app.consumer
         read = getattr(consumer, "_read_offset", {})  # faust keeps no public read position
-        for tp in consumer.assignment():
+        assigned = consumer.assignment()
+        metrics.assigned_partitions.set(len(assigned))
+        for tp in assigned:
             high = consumer.highwater(tp)
             if high is None:
                 continue

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
@@ -25,7 +25,7 @@ from mode import Service
 
 from infra.metrics import Metrics
 from infra.settings import Settings
-from streams.pipeline import BatchPipeline, IncomingMessage
+from streams.pipeline import BatchPipeline, IncomingMessage, PreparedBatch
 
 __all__ = ["BatchIngest"]
 
@@ -101,30 +101,51 @@ class BatchIngest(Service):
     async def _consume(self) -> None:
         consumer = self.consumer
         assert consumer is not None
-        size = self.settings.worker.batch_size
+        w = self.settings.worker
+        # One batch in flight: while its transaction runs, the next fetch is
+        # decoded (the database works on the other core). Batches still store
+        # in order, and offsets commit only after their own batch committed.
+        in_flight: Optional[tuple[asyncio.Task, dict[TopicPartition, int]]] = None
         while not self.should_stop:
-            fetched = await consumer.getmany(timeout_ms=int(self.settings.worker.batch_within_s * 1000), max_records=size)
+            fetched = await consumer.getmany(timeout_ms=int(w.batch_within_s * 1000), max_records=w.batch_size)
+            self.metrics.assigned_partitions.set(len(consumer.assignment()))
             if not fetched:
+                if in_flight is not None:
+                    await self._finish(*in_flight)
+                    in_flight = None
+                self._idle.set()
                 continue
             self._idle.clear()
-            by_topic: dict[str, list] = defaultdict(list)
+            by_topic: dict[str, list[IncomingMessage]] = defaultdict(list)
             for tp, records in fetched.items():
-                by_topic[tp.topic].extend(records)
-            for topic, records in by_topic.items():
-                batch = [
+                by_topic[tp.topic].extend(
                     IncomingMessage(r.topic, r.partition, r.offset, r.timestamp / 1000.0, r.key, r.value)
                     for r in records
-                ]
-                try:
-                    await self.pipelines[topic].process(batch)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - crash without committing
-                    self.on_fatal(f"{topic} batch at offset {batch[0].offset} failed", exc)
-                    raise
-            await self._commit({tp: records[-1].offset + 1 for tp, records in fetched.items()})
-            self.batches += 1
-            self._idle.set()
+                )
+            prepared = [self.pipelines[t].prepare(batch) for t, batch in by_topic.items()]
+            if in_flight is not None:
+                await self._finish(*in_flight)
+            offsets = {tp: records[-1].offset + 1 for tp, records in fetched.items()}
+            in_flight = (asyncio.ensure_future(self._store(prepared)), offsets)
+        if in_flight is not None:
+            await self._finish(*in_flight)
+        self._idle.set()
+
+    async def _store(self, prepared: list[PreparedBatch]) -> None:
+        for batch in prepared:
+            await self.pipelines[batch.topic].store(batch)
+
+    async def _finish(self, task: asyncio.Task, offsets: dict[TopicPartition, int]) -> None:
+        try:
+            await task
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - crash without committing
+            first = min(offsets, key=lambda tp: (tp.topic, tp.partition))
+            self.on_fatal(f"batch from {first.topic}[{first.partition}] failed", exc)
+            raise
+        await self._commit(offsets)
+        self.batches += 1
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         """Commit what was stored. A rebalance may have moved a partition away;

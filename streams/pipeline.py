@@ -20,15 +20,15 @@ import msgspec
 import psycopg
 
 from alerts.alert import Alert
-from alerts.kinds.sale_outlier import SaleFacts, SaleOutlierRule
+from alerts.kinds.sale_outlier import SaleOutlierRule
 from infra.db.sink import EventSink
 from infra.metrics import Metrics
 from infra.settings import Settings
-from streams.records import DeadLetter, Sale
+from streams.records import DeadLetter, Event, Sale
 from streams.storage import row_builder
 from streams.validation import Rejected, Validator
 
-__all__ = ["IncomingMessage", "BatchPipeline", "BatchOutcome", "Publish"]
+__all__ = ["IncomingMessage", "BatchPipeline", "BatchOutcome", "PreparedBatch", "Publish"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,16 @@ class BatchOutcome:
     alerts: list[Alert] = field(default_factory=list)
 
 
+@dataclass
+class PreparedBatch:
+    topic: str
+    received: int
+    records: list[Event]
+    rows: list[tuple]
+    stamps: list[float]
+    dead: list[DeadLetter]
+
+
 class BatchPipeline:
     """Process batches of one record kind (``sales``, ``listings``, ...)."""
 
@@ -79,7 +89,12 @@ class BatchPipeline:
         self._row = row_builder(kind)
 
     async def process(self, messages: Sequence[IncomingMessage]) -> BatchOutcome:
-        out = BatchOutcome(received=len(messages))
+        """Validate and store one batch (``prepare`` then ``store``)."""
+        return await self.store(self.prepare(messages))
+
+    def prepare(self, messages: Sequence[IncomingMessage]) -> "PreparedBatch":
+        """The CPU half: decode and validate. Touches no state, so the batch
+        engine runs it for the next fetch while this one's transaction runs."""
         topic = messages[0].topic if messages else self.kind
         self.metrics.events_in.labels(topic=topic).inc(len(messages))
         records, stamps, dead = [], [], []
@@ -90,9 +105,13 @@ class BatchPipeline:
                 stamps.append(m.timestamp)
             except Rejected as exc:
                 dead.append(self._deadletter(m, exc))
-                log.warning(
-                    "deadletter %s[%s]@%s: %s", m.topic, m.partition, m.offset, exc
-                )
+                log.warning("deadletter %s[%s]@%s: %s", m.topic, m.partition, m.offset, exc)
+        rows = list(map(self._row, records))
+        return PreparedBatch(topic, len(messages), records, rows, stamps, dead)
+
+    async def store(self, batch: "PreparedBatch") -> BatchOutcome:
+        """The I/O half: one transaction, then dead letters and alerts out."""
+        records, dead = batch.records, batch.dead
         new_alerts: list[Alert] = []
 
         async def before_commit(conn: psycopg.AsyncConnection, new_keys: frozenset) -> None:
@@ -101,12 +120,12 @@ class BatchPipeline:
             if self.rule is not None and records:
                 new_alerts.extend(await self._alerts(conn, records))
 
-        result = await self.sink.write(self.kind, [self._row(r) for r in records], before_commit)
+        result = await self.sink.write(self.kind, batch.rows, before_commit)
         committed = self.clock()
-        out.stored = len(result.new_keys)
-        out.duplicates = len(records) - out.stored
-        out.deadlettered = len(dead)
-
+        out = BatchOutcome(
+            received=batch.received, stored=len(result.new_keys),
+            duplicates=len(records) - len(result.new_keys), deadlettered=len(dead),
+        )
         for d in dead:
             await self.publish(self.settings.topics.deadletter, d.key, msgspec.json.encode(d), _dl_headers(d))
             self.metrics.deadletters.labels(topic=d.topic, reason=d.reason).inc()
@@ -115,14 +134,12 @@ class BatchPipeline:
             for a in out.alerts:
                 self.metrics.alerts_emitted.labels(kind=a.kind).inc()
 
-        m = self.metrics
+        m, topic = self.metrics, batch.topic
         m.events_stored.labels(topic=topic).inc(out.stored)
         m.events_duplicate.labels(topic=topic).inc(out.duplicates)
         m.sink_batch_rows.labels(table=self.kind).observe(len(records))
         m.sink_batch_seconds.labels(table=self.kind).observe(result.seconds)
-        latency = m.event_to_stored.labels(topic=topic)
-        for ts in stamps:
-            latency.observe(max(0.0, committed - ts))
+        m.event_to_stored.labels(topic=topic).observe_many([committed - ts for ts in batch.stamps])
         return out
 
     def _deadletter(self, m: IncomingMessage, exc: Rejected) -> DeadLetter:
@@ -146,7 +163,7 @@ class BatchPipeline:
         alerts = [
             a
             for s in ordered
-            if (a := rule.observe(SaleFacts(s.event_id, s.ts, s.collection, s.item_id, s.currency, s.price, s.synthetic)))
+            if (a := rule.observe(s))
         ]
         if not alerts:
             return []

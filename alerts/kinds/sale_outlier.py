@@ -24,7 +24,8 @@ KIND = "sale_outlier"
 
 @dataclass(frozen=True)
 class SaleFacts:
-    """What the rule needs of a sale."""
+    """What the rule needs of a sale. Any object with these attributes will do
+    (the stream passes its ``Sale`` records as they are)."""
 
     event_id: str
     ts: datetime

@@ -1,0 +1,162 @@
+"""The ``artwatch`` command line: the one place that builds Settings and the
+only module that imports streams (lazily, per command)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Optional, Sequence
+
+from pydantic import ValidationError
+
+from infra.errors import ArtwatchError
+from infra.settings import Settings
+
+__all__ = ["main"]
+
+log = logging.getLogger("artwatch")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("kafka", "aiokafka"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _cmd_stack(settings: Settings, args: argparse.Namespace) -> int:
+    from infra.stack import Stack
+
+    stack = Stack(settings)
+    result = {"up": stack.up, "down": stack.down, "status": stack.status}[args.action]()
+    print(json.dumps(result, indent=2, default=str))
+    if args.action == "status":
+        return 0 if result["broker"]["running"] and result["database"]["running"] else 3
+    return 0
+
+
+def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from infra.db.migrate import migrate
+
+    report = migrate(settings.dsn(), timescale=args.timescale)
+    print(json.dumps({"applied": report.applied, "timescale": report.timescale, "hypertables": report.hypertables}))
+    return 0
+
+
+def _cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.worker import run_worker
+
+    run_worker(settings)
+    return 0
+
+
+def _iso(value: str) -> datetime:
+    ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if ts.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{value!r} needs a time zone, e.g. 2021-01-01T00:00:00Z")
+    return ts
+
+
+def _cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.replay.publisher import ensure_topics, publish
+    from streams.replay.timeline import build_timeline, count_kinds
+
+    timeline = build_timeline(
+        args.seed, limit=args.limit, include=tuple(args.include), sprite_path=args.sprite, start=args.start
+    )
+    print(f"replaying {len(timeline)} events {count_kinds(timeline)} (seed {args.seed}) to {settings.broker_url}",
+          file=sys.stderr)
+    ensure_topics(settings.broker_url, settings.topics, settings.worker.partitions)
+    counts = publish(
+        timeline, settings.broker_url, settings.topics, speedup=args.speedup,
+        progress=lambda n: print(f"\r  published {n}/{len(timeline)}", end="", file=sys.stderr),
+    )
+    print(file=sys.stderr)
+    print(json.dumps(counts))
+    return 0
+
+
+def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.demo import run_demo
+
+    return run_demo(settings, events=args.events, seed=args.seed, start=args.start, keep_stack=args.keep_stack)
+
+
+def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.bench import bench_ingest
+
+    result = bench_ingest(settings, events=args.events, rounds=args.rounds)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:>24}: {v}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="artwatch", description="Real-time art and NFT market monitor.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("stack", help="start, stop or check the embedded broker and database")
+    s.add_argument("action", choices=("up", "down", "status"))
+    s.set_defaults(func=_cmd_stack)
+
+    s = sub.add_parser("migrate", help="create or update the database schema")
+    s.add_argument("--timescale", choices=("auto", "on", "off"), default="auto")
+    s.set_defaults(func=_cmd_migrate)
+
+    s = sub.add_parser("worker", help="run the stream worker (validate, store, roll up, alert)")
+    s.set_defaults(func=_cmd_worker)
+
+    s = sub.add_parser("replay", help="publish real market history (plus labelled synthetic events)")
+    s.add_argument("--seed", type=int, default=7, help="seed of the synthetic listings, bids and images")
+    s.add_argument("--limit", type=int, default=None, help="publish only the first N events")
+    s.add_argument("--start", type=_iso, default=None, help="begin at this event time (ISO 8601 with zone)")
+    s.add_argument("--speedup", type=float, default=None, help="divide event-time gaps by this; default: as fast as possible")
+    s.add_argument("--include", nargs="+", default=["sales", "bids", "listings", "images"],
+                   choices=("sales", "bids", "listings", "images", "auction_bids", "punk_bids"))
+    s.add_argument("--sprite", type=Path, default=None,
+                   help="CryptoPunks sprite PNG to cut item images from (default: synthetic pixel art)")
+    s.set_defaults(func=_cmd_replay)
+
+    s = sub.add_parser("demo", help="stack up, worker, replay real history with a live display, summary, shut down")
+    s.add_argument("--events", type=int, default=3000)
+    s.add_argument("--seed", type=int, default=7)
+    s.add_argument("--start", type=_iso, default=_iso("2020-12-26T00:00:00Z"),
+                   help="event time to start from (default covers punk sales and art-auction bids)")
+    s.add_argument("--keep-stack", action="store_true", help="leave the broker and database running")
+    s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("bench", help="benchmarks; each prints its figures and its same-run baseline")
+    bsub = s.add_subparsers(dest="bench", required=True)
+    b = bsub.add_parser("ingest", help="pipeline vs raw consume, idempotent sink vs plain COPY")
+    b.add_argument("--events", type=int, default=100_000)
+    b.add_argument("--rounds", type=int, default=2, help="sink/COPY rounds; the best of each is reported")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"artwatch: bad configuration:\n{exc}", file=sys.stderr)
+        return 2
+    _setup_logging(settings.log_level)
+    try:
+        return args.func(settings, args)
+    except ArtwatchError as exc:
+        print(f"artwatch: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Run the worker: in this process (``artwatch worker``) or as a child process
+that the demo, the benchmark and the tests start, watch and stop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+from infra.errors import ArtwatchError
+from infra.settings import Settings
+
+__all__ = ["run_worker", "WorkerProcess", "settings_env"]
+
+log = logging.getLogger(__name__)
+
+
+def run_worker(settings: Settings) -> None:
+    """Migrate, serve metrics, run the Faust worker until SIGTERM/SIGINT."""
+    import faust
+    from prometheus_client import start_http_server
+
+    from infra.db.migrate import migrate
+    from infra.metrics import build_metrics
+    from streams.app import create_app
+
+    report = migrate(settings.dsn())
+    log.info("schema ready (timescale=%s, applied=%s)", report.timescale, list(report.applied) or "none")
+    metrics = build_metrics()
+    if settings.worker.metrics_port:
+        start_http_server(settings.worker.metrics_port, addr="127.0.0.1", registry=metrics.registry)
+        log.info("metrics on http://127.0.0.1:%d/metrics", settings.worker.metrics_port)
+    app = create_app(settings, metrics)
+    faust.Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``settings`` as ARTWATCH_* variables, so a child process sees the same run."""
+    env = {
+        "ARTWATCH_APP_ID": settings.app_id,
+        "ARTWATCH_BROKER_URL": settings.broker_url,
+        "ARTWATCH_DATABASE_URL": settings.dsn(),
+        "ARTWATCH_DATA_DIR": str(settings.data_dir),
+        "ARTWATCH_LOG_LEVEL": settings.log_level,
+    }
+    for section in ("topics", "validation", "worker", "rules"):
+        env[f"ARTWATCH_{section.upper()}"] = getattr(settings, section).model_dump_json()
+    return env
+
+
+_SAMPLE = re.compile(r"^(artwatch_[a-z_]+)(\{[^}]*\})? (\S+)$", re.M)
+
+
+class WorkerProcess:
+    """A worker child process with its log file and metrics endpoint.
+
+    Parameters
+    ----------
+    settings
+        Passed to the child as environment (see :func:`settings_env`);
+        ``worker.metrics_port`` must be set, it is how progress is read.
+    log_path
+        Where the child's output goes.
+    """
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        if not settings.worker.metrics_port:
+            raise ArtwatchError("a watched worker needs worker.metrics_port")
+        self.settings = settings
+        self.log_path = log_path
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> "WorkerProcess":
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ARTWATCH_")}
+        env.update(settings_env(self.settings))
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "infra.cli", "worker"], env=env, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        return self
+
+    def metrics(self) -> dict[str, float]:
+        """Current artwatch samples, summed over labels, e.g. ``events_stored_total``."""
+        url = f"http://127.0.0.1:{self.settings.worker.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            text = resp.read().decode()
+        out: dict[str, float] = {}
+        for name, _labels, value in _SAMPLE.findall(text):
+            key = name.removeprefix("artwatch_streams_").removeprefix("artwatch_")
+            out[key] = out.get(key, 0.0) + float(value)
+        return out
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Until the worker owns partitions of its input topics."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise ArtwatchError(f"worker exited early (code {self.proc.returncode}); see {self.log_path}")
+            try:
+                if self.metrics().get("assigned_partitions", 0) > 0:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.25)
+        raise ArtwatchError(f"worker not ready after {timeout:.0f}s; see {self.log_path}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM (clean shutdown, offsets committed), SIGKILL past ``timeout``."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("worker did not stop in %.0fs; killing it", timeout)
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: the crash the tests recover from."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
