@@ -46,7 +46,8 @@ class WorkerSettings(_Section):
     batch_within_s: float = Field(0.25, gt=0)
     partitions: int = Field(4, ge=1)
     web_port: int = Field(6066, ge=1, le=65535)
-    metrics_port: int = Field(9464, ge=0, le=65535)
+    metrics_port: int = Field(9464, ge=0, le=65535)  # 0: no endpoint
+    metrics_bind: str = "127.0.0.1"  # 0.0.0.0 in containers, so Prometheus can scrape
     # batch: fetch-sized batches with manual commits inside the Faust worker
     # (streams/batch_ingest.py explains why); agents: one Faust agent per topic.
     engine: Literal["batch", "agents"] = "batch"
@@ -79,6 +80,9 @@ class Settings(BaseSettings):
     database_url: Optional[SecretStr] = None
     data_dir: Path = Path("var")
     embedded_pg_port: int = Field(54329, ge=1, le=65535)
+    # How the worker's start-up migration treats TimescaleDB: auto (use it when
+    # installed), on (require it), off (keep plain tables even when installed).
+    timescale: Literal["auto", "on", "off"] = "auto"
     log_level: str = "INFO"
     topics: TopicNames = TopicNames()
     validation: ValidationSettings = ValidationSettings()

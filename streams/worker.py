@@ -31,12 +31,13 @@ def run_worker(settings: Settings) -> None:
     from infra.metrics import build_metrics
     from streams.app import create_app
 
-    report = migrate(settings.dsn())
+    report = migrate(settings.dsn(), timescale=settings.timescale)
     log.info("schema ready (timescale=%s, applied=%s)", report.timescale, list(report.applied) or "none")
     metrics = build_metrics()
     if settings.worker.metrics_port:
-        start_http_server(settings.worker.metrics_port, addr="127.0.0.1", registry=metrics.registry)
-        log.info("metrics on http://127.0.0.1:%d/metrics", settings.worker.metrics_port)
+        w = settings.worker
+        start_http_server(w.metrics_port, addr=w.metrics_bind, registry=metrics.registry)
+        log.info("metrics on http://%s:%d/metrics", w.metrics_bind, w.metrics_port)
     app = create_app(settings, metrics)
     faust.Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
 
@@ -49,6 +50,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "ARTWATCH_DATABASE_URL": settings.dsn(),
         "ARTWATCH_DATA_DIR": str(settings.data_dir),
         "ARTWATCH_LOG_LEVEL": settings.log_level,
+        "ARTWATCH_TIMESCALE": settings.timescale,
     }
     for section in ("topics", "validation", "worker", "rules"):
         env[f"ARTWATCH_{section.upper()}"] = getattr(settings, section).model_dump_json()
