@@ -17,6 +17,7 @@ from prometheus_client.core import HistogramMetricFamily
 __all__ = ["Metrics", "build_metrics", "BulkHistogram"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_EVENT_TIME_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, 86400.0)
 _BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000, 20000)
 
 
@@ -101,6 +102,7 @@ class Metrics:
     sink_batch_seconds: Histogram
     sink_retries: Counter
     event_to_stored: BulkHistogram
+    event_time_to_stored: BulkHistogram
     consumer_lag: Gauge
     assigned_partitions: Gauge
     alerts_emitted: Counter
@@ -153,6 +155,11 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "artwatch_streams_event_to_stored_seconds",
             "From the event's Kafka timestamp (when it entered the broker) to its database commit.",
             ["topic"], _LATENCY_BUCKETS, r,
+        ),
+        event_time_to_stored=BulkHistogram(
+            "artwatch_streams_event_time_to_stored_seconds",
+            "From the event's own timestamp (event time) to its database commit; replayed history lands in +Inf.",
+            ["topic"], _EVENT_TIME_BUCKETS, r,
         ),
         consumer_lag=Gauge(
             "artwatch_streams_consumer_lag_messages",

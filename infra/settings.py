@@ -38,7 +38,6 @@ class ValidationSettings(_Section):
     max_future_skew_s: float = Field(300.0, gt=0)
     # Images above 512 KiB travel by uri (architecture); 1 MiB leaves room for base64 + JSON.
     max_message_bytes: int = Field(1_048_576, gt=0)
-    currencies: tuple[str, ...] = ("ETH", "WETH", "USD", "CNY", "EUR", "GBP")
 
 
 class WorkerSettings(_Section):

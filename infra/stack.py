@@ -147,9 +147,9 @@ class Stack:
 
     Examples
     --------
-    >>> with Stack(Settings()).running() as stack:  # doctest: +SKIP
-    ...     stack.status()["broker"]["running"]
-    True
+    Starting processes is no doctest; in prose: ``with Stack(Settings()).running()
+    as stack:`` brings both up, and ``stack.status()["broker"]["running"]`` is
+    then True; leaving the block stops what was started.
     """
 
     def __init__(self, settings: Settings) -> None:

@@ -80,9 +80,8 @@ def create_app(settings: Settings, metrics: Optional[Metrics] = None, dsn: Optio
     topics = settings.topics
     out_topics = {name: raw_topic(name) for name in (topics.alerts, topics.deadletter)}
 
-    async def publish(topic: str, key, value: bytes, headers) -> None:
-        fut = await out_topics[topic].send(key=key, value=value, headers=list(headers))
-        await fut
+    async def publish(topic: str, key, value: bytes, headers):
+        return await out_topics[topic].send(key=key, value=value, headers=list(headers))
 
     rule = SaleOutlierRule(
         multiple=settings.rules.outlier_multiple,

@@ -185,7 +185,13 @@ def bench_ingest(settings: Settings, events: int = 100_000, rounds: int = 2) -> 
         _produce(settings.broker_url, names["sales"], items[:1])  # warm-up: connection, chunk, caches
         _wait_stored(worker, 1, timeout=60)
 
-        producer = threading.Thread(target=_produce, args=(settings.broker_url, names["sales"], items[1:]))
+        produced: dict[str, float] = {}
+
+        def produce_timed() -> None:
+            _produce(settings.broker_url, names["sales"], items[1:])
+            produced["s"] = time.perf_counter() - t0
+
+        producer = threading.Thread(target=produce_timed)
         t0 = time.perf_counter()
         producer.start()
         _wait_stored(worker, events + 1, timeout=max(120, events / 1000))
@@ -211,6 +217,7 @@ def bench_ingest(settings: Settings, events: int = 100_000, rounds: int = 2) -> 
         "pipeline_eps": round(pipeline_eps),
         "raw_consume_eps": round(raw_eps),
         "ratio": round(pipeline_eps / raw_eps, 4),
+        "produce_eps": round(events / produced["s"]),
         "sink_rows_per_s": round(sink_rps),
         "raw_copy_rows_per_s": round(copy_rps),
         "sink_ratio": round(sink_rps / copy_rps, 3),

@@ -50,7 +50,12 @@ class Validator:
         self.clock = clock
         self._decoder = msgspec.json.Decoder(RECORD_TYPES[kind])
 
-    def decode(self, value: bytes | None) -> Event:
+    def not_after(self) -> datetime:
+        """The latest event time accepted now (computed once per batch)."""
+        return datetime.fromtimestamp(self.clock() + self.max_skew, timezone.utc)
+
+    def decode(self, value: bytes | None, not_after: datetime | None = None) -> Event:
+        """Decode one message; ``not_after`` defaults to :meth:`not_after`."""
         if not value:
             raise Rejected("empty", "message has no value")
         if len(value) > self.max_bytes:
@@ -62,8 +67,7 @@ class Validator:
             raise Rejected("missing_field" if "missing required field" in msg else "invalid_field", msg) from None
         except msgspec.DecodeError as exc:
             raise Rejected("malformed_json", str(exc)) from None
-        limit = self.clock() + self.max_skew
-        if record.ts.timestamp() > limit:
+        if record.ts > (not_after or self.not_after()):
             ahead = record.ts.timestamp() - self.clock()
             raise Rejected(
                 "future_timestamp",

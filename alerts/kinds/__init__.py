@@ -1,0 +1,1 @@
+"""Alert kinds: one rule per module, each producing alerts.alert.Alert records."""

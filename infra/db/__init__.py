@@ -1,0 +1,1 @@
+"""Database: migrations, the idempotent sink and stream-computed rollups."""

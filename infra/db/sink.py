@@ -184,8 +184,7 @@ class EventSink:
             new_rows = await self._insert_new(conn, spec, rows, key)
             new_keys = frozenset(map(key, new_rows))
             if spec.rollup_fields is not None and new_rows:
-                minutes, hours = fold(map(spec.rollup_fields, new_rows))
-                await upsert_rollups(conn, spec.table, minutes, hours)
+                await upsert_rollups(conn, spec.table, fold(map(spec.rollup_fields, new_rows)))
             if before_commit is not None:
                 await before_commit(conn, new_keys)
         return WriteResult(new_keys, len(rows), time.perf_counter() - started)

@@ -14,6 +14,7 @@ import pytest
 from infra.errors import StackError
 from infra.settings import Settings
 from infra.stack import Stack
+from tests.conftest import unavailable
 
 pytestmark = [pytest.mark.integration, pytest.mark.broker]
 
@@ -55,7 +56,7 @@ def _settings(tmp_path: Path, **kw) -> Settings:
 @pytest.fixture
 def external_db() -> str:
     if not _answers(EXTERNAL_DSN):
-        pytest.skip(f"no PostgreSQL at {EXTERNAL_DSN}")
+        unavailable(f"no PostgreSQL at {EXTERNAL_DSN}")
     return EXTERNAL_DSN
 
 

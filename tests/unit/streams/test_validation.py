@@ -300,3 +300,17 @@ def test_roundtrip_of_every_record_kind():
         v = validator(kind)
         rec = v.decode(enc(doc()))
         assert v.decode(msgspec.json.encode(rec)) == rec
+
+
+def test_not_after_computed_once_for_a_batch():
+    v = validator("sales", max_future_skew_s=300)
+    limit = v.not_after()
+    assert limit == NOW + timedelta(seconds=300) and limit.tzinfo is not None
+    raw_ahead = enc(sale_json(ts=(NOW + timedelta(seconds=350)).isoformat()))
+    # an explicit limit wins over the clock, both ways
+    assert v.decode(raw_ahead, not_after=NOW + timedelta(seconds=400)).ts == NOW + timedelta(seconds=350)
+    raw_soon = enc(sale_json(ts=(NOW + timedelta(seconds=10)).isoformat()))
+    assert v.decode(raw_soon).ts == NOW + timedelta(seconds=10)
+    with pytest.raises(Rejected) as info:
+        v.decode(raw_soon, not_after=NOW)
+    assert info.value.reason == "future_timestamp"

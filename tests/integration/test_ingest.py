@@ -1,0 +1,606 @@
+"""The worker end to end: broker in, database out, no mocks.
+
+Each test runs real worker child processes (``streams.worker.WorkerProcess``)
+against the session's Tansu broker and PostgreSQL databases, in its own
+topics and consumer group. Tables are shared per database within the session,
+so every query is scoped to the ids or collections the test produced.
+
+A worker spends ~30 s joining its consumer group on Tansu, so the first worker
+of every selected test is launched at once by the module's ``fleet`` (they
+wait in parallel); only restarts, which are what those tests are about, start
+a worker on their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import msgspec
+import psycopg
+import pytest
+
+from alerts.alert import Alert
+from infra.db.migrate import HYPERTABLES, migrate
+from infra.settings import Settings, TopicNames, ValidationSettings
+from streams.bench import bench_sales
+from streams.records import DeadLetter, Sale
+from streams.replay.publisher import ensure_topics, publish
+from streams.replay.timeline import build_timeline
+from streams.validation import REASONS
+from streams.worker import WorkerProcess
+from tests.conftest import ADMIN_DSN, _fresh_database, free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.broker]
+
+EVENT_TABLES = ("sales", "listings", "bids", "images")
+ROLLUP_KINDS = ("sales", "listings", "bids")  # the tables with a price column
+_encode = msgspec.json.Encoder().encode
+
+
+# -- helpers ----------------------------------------------------------------
+
+
+def _settings(broker: str, dsn: str, data_dir: Path, mode: str, validation: Optional[dict] = None,
+              **worker) -> Settings:
+    """Like conftest's ``worker_settings`` (own topics, app id and ports), usable at
+    module scope, plus the storage mode the worker's own migration must keep."""
+    run = uuid.uuid4().hex[:10]
+    names = {k: f"t{run}-{k}" for k in ("listings", "bids", "sales", "images", "alerts", "deadletter")}
+    return Settings(
+        app_id=f"artwatch-test-{run}",
+        broker_url=broker,
+        database_url=dsn,
+        data_dir=data_dir,
+        timescale=mode,
+        topics=TopicNames(**names),
+        validation=ValidationSettings(**(validation or {})),
+        worker={"web_port": free_port(), "metrics_port": free_port(), "batch_within_s": 0.1, **worker},
+    )
+
+
+def _launch(settings: Settings, log: Path) -> WorkerProcess:
+    ensure_topics(settings.broker_url, settings.topics, settings.worker.partitions, include_outputs=True)
+    return WorkerProcess(settings, log).start()
+
+
+def _ready(worker: WorkerProcess, timeout: float = 90) -> WorkerProcess:
+    try:
+        worker.wait_ready(timeout=timeout)
+    except Exception:
+        worker.kill()
+        pytest.fail(f"worker not ready:\n{_log_tail(worker)}")
+    return worker
+
+
+def _start(settings: Settings, log: Path) -> WorkerProcess:
+    return _ready(_launch(settings, log))
+
+
+DL_LIMIT = 4096  # validation.max_message_bytes of the dead-letter test's worker
+
+# test (by pytest item name) -> the first worker it needs: (database, timescale mode, settings overrides)
+ROLES: dict[str, tuple[str, str, dict]] = {
+    "test_exactly_once_with_duplicates[timescale]": ("timescale", "on", {}),
+    "test_exactly_once_with_duplicates[plain]": ("plain", "off", {}),
+    "test_sigkill_mid_stream_loses_and_duplicates_nothing[batch]": ("fresh", "on", {"engine": "batch"}),
+    "test_sigkill_mid_stream_loses_and_duplicates_nothing[agents]": ("fresh", "on", {"engine": "agents"}),
+    "test_malformed_messages_are_deadlettered_and_the_stream_goes_on": (
+        "timescale", "on", {"validation": {"max_message_bytes": DL_LIMIT}}),
+    "test_sale_outlier_alert_once_end_to_end": ("timescale", "on", {}),
+}
+
+
+class Fleet:
+    """The first worker of each selected test, all launched together."""
+
+    def __init__(self) -> None:
+        self.workers: dict[str, WorkerProcess] = {}
+        self.extra: list[WorkerProcess] = []
+        self.fresh_dbs: list[str] = []
+
+    def worker(self, request) -> WorkerProcess:
+        """This test's worker, ready (it has been joining its group meanwhile)."""
+        return _ready(self.workers[request.node.name])
+
+    def start(self, settings: Settings, log: Path) -> WorkerProcess:
+        """A further worker (a restart), started and waited for now."""
+        w = _launch(settings, log)
+        self.extra.append(w)
+        return _ready(w)
+
+    def close(self) -> None:
+        for w in [*self.workers.values(), *self.extra]:
+            w.kill()
+        if self.fresh_dbs:
+            with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+                for name in self.fresh_dbs:
+                    conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def fleet(request, broker, tmp_path_factory):
+    fleet = Fleet()
+    try:
+        wanted = [item.name for item in request.session.items if item.name in ROLES
+                  and item.module is request.module]
+        for name in wanted:
+            db, mode, overrides = ROLES[name]
+            if db == "fresh":
+                dbname = f"artwatch_test_{uuid.uuid4().hex[:10]}"
+                dsn = _fresh_database(dbname)
+                fleet.fresh_dbs.append(dbname)
+            else:
+                dsn = request.getfixturevalue(f"{db}_dsn")
+            migrate(dsn, timescale=mode)
+            data_dir = tmp_path_factory.mktemp("worker")
+            settings = _settings(broker, dsn, data_dir, mode, **overrides)
+            fleet.workers[name] = _launch(settings, data_dir / "worker1.log")
+        yield fleet
+    finally:
+        fleet.close()
+
+
+def _log_tail(worker: WorkerProcess, n: int = 40) -> str:
+    try:
+        return "\n".join(worker.log_path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def _wait(worker: WorkerProcess, done: Callable[[dict], bool], timeout: float, what: str, poll: float = 0.1) -> dict:
+    """Poll the worker's metrics until ``done(metrics)``; fail with its log otherwise."""
+    deadline = time.monotonic() + timeout
+    m: dict = {}
+    while time.monotonic() < deadline:
+        if not worker.alive():
+            pytest.fail(f"worker died while waiting for {what}:\n{_log_tail(worker)}")
+        try:
+            m = worker.metrics()
+        except OSError:
+            m = {}
+        if m and done(m):
+            return m
+        time.sleep(poll)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; last metrics {m}\n{_log_tail(worker)}")
+
+
+def _handled(m: dict) -> float:
+    return m.get("events_stored_total", 0) + m.get("events_duplicate_total", 0) + m.get("deadletter_total", 0)
+
+
+def _produce(bootstrap: str, topic: str, items: Iterable[tuple], partition: Optional[int] = None,
+             sequential: bool = False) -> list:
+    """Send ``(key, value[, headers])`` items with aiokafka, acks=all; returns RecordMetadata in order."""
+    from aiokafka import AIOKafkaProducer
+
+    async def run() -> list:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
+                                    max_batch_size=512 * 1024, max_request_size=2 * 1024 * 1024)
+        await producer.start()
+        try:
+            if sequential:  # one at a time: offsets in exactly this order
+                return [await producer.send_and_wait(topic, value=it[1], key=it[0], partition=partition,
+                                                     headers=it[2] if len(it) > 2 else None) for it in items]
+            pending = [await producer.send(topic, value=it[1], key=it[0], partition=partition) for it in items]
+            return list(await asyncio.gather(*pending))
+        finally:
+            await producer.stop()
+
+    return asyncio.run(run())
+
+
+def _read_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> dict[int, list]:
+    """Every record now in ``topic``, per partition in offset order (no group: partitions assigned)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    async def run() -> dict[int, list]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                    auto_offset_reset="earliest", max_partition_fetch_bytes=4 * 1024 * 1024)
+        await consumer.start()
+        try:
+            parts = consumer.partitions_for_topic(topic)
+            if not parts:
+                await consumer.force_metadata_update()
+                parts = consumer.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            assert tps, f"topic {topic} has no partitions"
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            out: dict[int, list] = {tp.partition: [] for tp in tps}
+            deadline = time.monotonic() + timeout
+            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"could not read {topic} to its end offsets {ends}")
+                batch = await consumer.getmany(timeout_ms=500, max_records=10_000)
+                for tp, records in batch.items():
+                    out[tp.partition].extend(records)
+            return out
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(run())
+
+
+def _sales(prefix: str, n: int, collections: int, seed: int) -> list[Sale]:
+    """``n`` valid live-looking sales (streams.bench) renamed into this test's id space."""
+    return [
+        msgspec.structs.replace(s, event_id=f"{prefix}-{i}", collection=f"{prefix}-c{i % collections}")
+        for i, s in enumerate(bench_sales(n, seed=seed))
+    ]
+
+
+def _encoded(sales: Iterable[Sale]) -> list[tuple[bytes, bytes]]:
+    return [(s.item_id.encode(), _encode(s)) for s in sales]
+
+
+def _rollup_totals(conn: psycopg.Connection, table: str, collections: list[str]) -> dict[str, tuple[int, Decimal]]:
+    rows = conn.execute(
+        f"SELECT kind, sum(n)::bigint, sum(volume) FROM {table} WHERE collection = ANY(%s) GROUP BY kind",
+        (collections,),
+    ).fetchall()
+    return {kind: (n, vol) for kind, n, vol in rows}
+
+
+# -- 1. exactly once on both storage paths ----------------------------------
+
+
+def test_exactly_once_with_duplicates(any_dsn, fleet: Fleet, request) -> None:
+    dsn, mode = any_dsn
+    worker = fleet.worker(request)
+    settings = worker.settings
+    assert settings.dsn() == dsn
+    timeline = build_timeline(seed=3, limit=1500, start=datetime(2020, 12, 26, tzinfo=timezone.utc))
+    expected: dict[str, set[str]] = defaultdict(set)
+    for kind, _key, record in timeline:
+        expected[kind].add(record.event_id)
+    assert set(expected) == set(EVENT_TABLES), "the timeline should exercise every feed"
+    assert sum(map(len, expected.values())) == len(timeline), "timeline event ids must be unique"
+
+    first = publish(timeline, settings.broker_url, settings.topics)
+    again = publish(timeline, settings.broker_url, settings.topics)  # every event a second time
+    assert first == again and sum(first.values()) == len(timeline)
+    published = 2 * len(timeline)
+
+    try:
+        m = _wait(worker, lambda m: _handled(m) >= published, 120, f"{published} events handled")
+    finally:
+        worker.stop()
+    assert m.get("deadletter_total", 0) == 0
+    assert m["events_stored_total"] == len(timeline)
+    assert m["events_duplicate_total"] == len(timeline)
+
+    collections = sorted({r.collection for _k, _key, r in timeline})
+    with psycopg.connect(dsn) as conn:
+        stored: dict[str, int] = {}
+        for kind in EVENT_TABLES:
+            ids = sorted(expected[kind])
+            rows = conn.execute(
+                f"SELECT event_id, count(*) FROM {kind} WHERE event_id = ANY(%s) GROUP BY event_id", (ids,)
+            ).fetchall()
+            counts = dict(rows)
+            assert set(counts) == expected[kind], f"{kind}: missing {len(expected[kind] - set(counts))} events"
+            assert set(counts.values()) == {1}, f"{kind}: stored twice: {[i for i, c in counts.items() if c > 1][:5]}"
+            stored[kind] = len(counts)
+        # Rollups: n per kind equals the rows stored, volume equals their price sum (duplicates added nothing).
+        prices = {
+            kind: conn.execute(
+                f"SELECT count(*), sum({col}) FROM {kind} WHERE event_id = ANY(%s)", (sorted(expected[kind]),)
+            ).fetchone()
+            for kind, col in (("sales", "price"), ("listings", "price"), ("bids", "amount"))
+        }
+        for table in ("rollup_1m", "rollup_1h"):
+            totals = _rollup_totals(conn, table, collections)
+            assert set(totals) == set(ROLLUP_KINDS), f"{table}: kinds {sorted(totals)}"
+            for kind in ROLLUP_KINDS:
+                assert totals[kind][0] == stored[kind], f"{table} n for {kind}: {totals[kind][0]} != {stored[kind]}"
+                assert totals[kind][1] == prices[kind][1], f"{table} volume for {kind}"
+
+        if mode == "on":
+            assert conn.execute("SELECT count(*) FROM timescaledb_information.hypertables").fetchone()[0] >= len(
+                HYPERTABLES
+            )
+        else:
+            has_ext = conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone()
+            if has_ext:
+                n = conn.execute("SELECT count(*) FROM timescaledb_information.hypertables").fetchone()[0]
+                assert n == 0, "the plain path (timescale=off) must not have hypertables"
+
+
+# -- 2. SIGKILL mid-stream ----------------------------------------------------
+
+
+@pytest.mark.parametrize("engine,n_events", [("batch", 30_000), ("agents", 6_000)], ids=["batch", "agents"])
+def test_sigkill_mid_stream_loses_and_duplicates_nothing(
+    engine: str, n_events: int, fleet: Fleet, request, run_id, tmp_path: Path
+) -> None:
+    first = fleet.worker(request)
+    settings = first.settings
+    dsn = settings.dsn()  # a database of its own: no other worker's sessions in it
+    assert settings.worker.engine == engine
+    prefix = f"kill-{engine}-{run_id}"
+    sales = _sales(prefix, n_events, collections=40, seed=5)
+    ids = {s.event_id for s in sales}
+    items = _encoded(sales)
+    head = items[: n_events * 2 // 3]  # before the crash; the rest arrives while no worker runs
+    producer = threading.Thread(target=_produce, args=(settings.broker_url, settings.topics.sales, head))
+    producer.start()  # the worker consumes while the backlog is produced; killed at its first commit
+    try:
+        _wait(first, lambda m: m.get("events_stored_total", 0) > 0, 120, "the first stored batch", poll=0.02)
+    finally:
+        first.kill()
+        producer.join()
+    assert first.proc.returncode == -9
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # The dead worker's sessions end server-side (a COMMIT already sent may still land) before counting.
+        deadline = time.monotonic() + 15
+        while conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+        ).fetchone()[0] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        at_kill = conn.execute("SELECT count(*) FROM sales WHERE event_id LIKE %s", (f"{prefix}-%",)).fetchone()[0]
+    assert 0 < at_kill < n_events, f"the kill should land mid-stream, {at_kill} of {n_events} stored"
+
+    _produce(settings.broker_url, settings.topics.sales, items[len(head):])
+    # A sentinel per partition behind everything else: once all are stored, every
+    # partition was read to its end (stored or dropped as duplicate, rollups folded).
+    sentinels = [
+        msgspec.structs.replace(s, event_id=f"sentinel-{run_id}-{p}", collection=f"sentinel-{run_id}")
+        for p, s in enumerate(bench_sales(settings.worker.partitions, seed=99))
+    ]
+    second = fleet.start(settings, tmp_path / "worker2.log")  # same app id: same group, committed offsets
+    try:
+        for p, s in enumerate(sentinels):
+            _produce(settings.broker_url, settings.topics.sales, _encoded([s]), partition=p)
+        deadline = time.monotonic() + 180
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            while conn.execute("SELECT count(*) FROM sales WHERE collection = %s",
+                               (f"sentinel-{run_id}",)).fetchone()[0] < len(sentinels):
+                if not second.alive() or time.monotonic() > deadline:
+                    pytest.fail(f"the restarted worker did not catch up:\n{_log_tail(second)}")
+                time.sleep(0.2)
+        m2 = second.metrics()
+    finally:
+        second.stop()
+
+    assert m2.get("deadletter_total", 0) == 0
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT event_id, count(*) FROM sales WHERE event_id LIKE %s GROUP BY event_id",
+                            (f"{prefix}-%",)).fetchall()
+        counts = dict(rows)
+        assert len(counts) == n_events and set(counts) == ids, f"missing {sorted(ids - set(counts))[:5]}"
+        assert set(counts.values()) == {1}
+        assert sum(counts.values()) == n_events
+        volume = conn.execute("SELECT sum(price) FROM sales WHERE event_id LIKE %s", (f"{prefix}-%",)).fetchone()[0]
+        colls = sorted({s.collection for s in sales})
+        for table in ("rollup_1m", "rollup_1h"):
+            totals = _rollup_totals(conn, table, colls)
+            assert totals == {"sales": (n_events, volume)}, f"{table}: {totals} != {n_events} rows / {volume}"
+    # Everything the first worker had stored but not committed was re-read and dropped, not stored again.
+    assert m2["events_stored_total"] == n_events - at_kill + len(sentinels)
+
+
+# -- 3. dead letters -----------------------------------------------------------
+
+
+def test_malformed_messages_are_deadlettered_and_the_stream_goes_on(
+    fleet: Fleet, request, run_id
+) -> None:
+    limit = DL_LIMIT
+    worker = fleet.worker(request)
+    settings = worker.settings
+    assert settings.validation.max_message_bytes == limit
+    dsn = settings.dsn()
+    topic = settings.topics.sales
+    prefix = f"dl-{run_id}"
+    good = _sales(prefix, 20, collections=2, seed=7)
+    before, after = good[:10], good[10:]
+
+    def variant(**changes) -> bytes:
+        d = json.loads(_encode(good[0]))
+        d["event_id"] = f"{prefix}-bad-{uuid.uuid4().hex[:6]}"
+        for k, v in changes.items():
+            if v is None:
+                d.pop(k)
+            else:
+                d[k] = v
+        return json.dumps(d).encode()
+
+    future = (datetime.now(timezone.utc) + timedelta(days=1)).isoformat()
+    bad = [
+        ("malformed_json", b'{"event_id": "broken", "ts": '),
+        ("missing_field", variant(price=None)),
+        ("invalid_field", variant(price="-1.5")),
+        ("invalid_field", variant(currency="XYZ")),
+        ("future_timestamp", variant(ts=future)),
+        ("oversized", variant(source="x" * 200, tx="y" * 200, pad="z" * (limit + 100))),
+        ("empty", b""),
+    ]
+    assert {reason for reason, _ in bad} <= set(REASONS)
+    assert len(bad[5][1]) > limit
+    items = _encoded(before) + [(b"bad", value) for _, value in bad] + _encoded(after)
+    meta = _produce(settings.broker_url, topic, items, partition=0, sequential=True)
+    offsets = [md.offset for md in meta]
+    expected = {(0, offsets[len(before) + i]): reason for i, (reason, _) in enumerate(bad)}
+
+    try:
+        m = _wait(worker, lambda m: _handled(m) >= len(items), 90, f"{len(items)} messages handled")
+    finally:
+        worker.stop()
+
+    assert m["deadletter_total"] == len(bad)
+    assert m["events_stored_total"] == len(good)
+    with psycopg.connect(dsn) as conn:
+        stored = {r[0] for r in conn.execute("SELECT event_id FROM sales WHERE event_id LIKE %s", (f"{prefix}-%",))}
+        assert stored == {s.event_id for s in good}, "valid events around the bad ones must all be stored"
+        rows = conn.execute(
+            'SELECT "partition", "offset", reason, error, value FROM deadletters WHERE topic = %s', (topic,)
+        ).fetchall()
+    assert {(p, o): reason for p, o, reason, _e, _v in rows} == expected
+    assert len(rows) == len(bad)
+    for p, o, reason, error, value in rows:
+        assert error, f"deadletter at {o} has no error text"
+        if reason == "oversized":
+            assert len(value) == limit and str(len(bad[5][1])) in error
+
+    out = [r for recs in _read_topic(settings.broker_url, settings.topics.deadletter).values() for r in recs]
+    assert len(out) == len(bad)
+    seen = {}
+    for rec in out:
+        headers = {k: v.decode() for k, v in rec.headers}
+        assert headers["x-source-topic"] == topic
+        letter = msgspec.json.decode(rec.value, type=DeadLetter)
+        assert (letter.topic, letter.partition, letter.offset) == (topic, int(headers["x-source-partition"]),
+                                                                   int(headers["x-source-offset"]))
+        assert headers["x-error-class"] == letter.reason
+        seen[(letter.partition, letter.offset)] = letter.reason
+    assert seen == expected
+
+
+# -- 4. alerts end to end ------------------------------------------------------
+
+
+def test_sale_outlier_alert_once_end_to_end(fleet: Fleet, request, run_id, tmp_path: Path) -> None:
+    worker = fleet.worker(request)
+    settings = worker.settings
+    dsn = settings.dsn()
+    collection = f"alerts-{run_id}"
+    t0 = datetime.now(timezone.utc) - timedelta(hours=1)
+
+    def sale(i: int, price: str, item: str) -> Sale:
+        return Sale(event_id=f"{collection}-{i}", ts=t0 + timedelta(minutes=i), collection=collection,
+                    item_id=item, buyer=f"b{i}", seller=f"s{i}", price=Decimal(price), currency="ETH",
+                    synthetic=True, source="test")
+
+    history = [sale(i, "1", f"item-{i}") for i in range(6)]
+    outlier = sale(6, "10", "item-outlier")
+    later = [sale(i, "1.1", f"item-{i}") for i in range(7, 9)]
+    events = history + [outlier] + later
+    items = [(collection.encode(), _encode(s)) for s in events]  # one key: one partition, order kept
+    _produce(settings.broker_url, settings.topics.sales, items, sequential=True)
+
+    def handled(worker: WorkerProcess, expect: int) -> dict:
+        try:
+            return _wait(worker, lambda m: _handled(m) >= expect, 90, f"{expect} sales handled")
+        finally:
+            worker.stop()
+
+    def alerts_now() -> tuple[list, list[Alert]]:
+        with psycopg.connect(dsn) as conn:
+            rows = conn.execute(
+                "SELECT alert_id, kind, subject, published_at, evidence FROM alerts WHERE collection = %s",
+                (collection,),
+            ).fetchall()
+        on_topic = [msgspec.json.decode(r.value, type=Alert)
+                    for recs in _read_topic(settings.broker_url, settings.topics.alerts).values() for r in recs]
+        return rows, on_topic
+
+    m = handled(worker, len(events))
+    assert m["events_stored_total"] == len(events)
+    assert m.get("alerts_emitted_total") == 1
+    rows, on_topic = alerts_now()
+    assert len(rows) == 1, rows
+    alert_id, kind, subject, published_at, evidence = rows[0]
+    assert (kind, subject) == ("sale_outlier", outlier.item_id)
+    assert evidence["event_id"] == outlier.event_id and Decimal(evidence["median"]) == 1
+    assert published_at is not None
+    assert [(a.alert_id, a.kind, a.subject, a.collection) for a in on_topic] == [
+        (alert_id, "sale_outlier", outlier.item_id, collection)
+    ]
+
+    # The same events again, read from the start by a fresh consumer group:
+    # the rule sees the outlier again, but the alert exists and is published.
+    _produce(settings.broker_url, settings.topics.sales, items, sequential=True)
+    again = settings.model_copy(update={"app_id": f"{settings.app_id}-again"})
+    m = handled(fleet.start(again, tmp_path / "worker2.log"), 2 * len(events))
+    assert m.get("events_stored_total", 0) == 0
+    assert m["events_duplicate_total"] == 2 * len(events)
+    assert m.get("alerts_emitted_total", 0) == 0
+    rows2, on_topic2 = alerts_now()
+    assert [r[0] for r in rows2] == [alert_id]
+    assert rows2[0][3] == published_at, "a replay must not re-publish the alert"
+    assert [a.alert_id for a in on_topic2] == [alert_id]
+
+
+# -- 5. migrations are idempotent ---------------------------------------------
+
+
+def _row_counts(dsn: str) -> dict[str, int]:
+    with psycopg.connect(dsn) as conn:
+        tables = [r[0] for r in conn.execute(
+            "SELECT table_name FROM information_schema.tables"
+            " WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'"
+        )]
+        return {t: conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables}
+
+
+def test_migrations_twice(any_dsn) -> None:
+    dsn, mode = any_dsn
+    before = _row_counts(dsn)
+    assert "schema_migrations" in before and before["schema_migrations"] >= 1
+    first = migrate(dsn, timescale=mode)
+    second = migrate(dsn, timescale=mode)
+    assert first.applied == () and second.applied == ()
+    assert first.timescale is second.timescale is (mode == "on")
+    assert first.hypertables == second.hypertables
+    assert set(second.hypertables) == (set(HYPERTABLES) if mode == "on" else set())
+    assert _row_counts(dsn) == before
+
+    # From nothing: the first run applies every version, the second none, data untouched.
+    fresh = _fresh_database(f"artwatch_test_mig_{mode}_{uuid.uuid4().hex[:8]}")
+    try:
+        r1 = migrate(fresh, timescale=mode)
+        assert r1.applied and r1.applied[0].startswith("001")
+        with psycopg.connect(fresh) as conn:
+            conn.execute(
+                "INSERT INTO sales (event_id, ts, collection, item_id, buyer, seller, price, currency,"
+                " synthetic, source) VALUES ('m1', now(), 'c', 'i', 'b', 's', 1, 'ETH', true, 'test')"
+            )
+        counts = _row_counts(fresh)
+        r2 = migrate(fresh, timescale=mode)
+        assert r2.applied == ()
+        assert _row_counts(fresh) == counts and counts["sales"] == 1
+        assert set(r2.hypertables) == (set(HYPERTABLES) if mode == "on" else set())
+    finally:
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{psycopg.conninfo.conninfo_to_dict(fresh)["dbname"]}" WITH (FORCE)')
+
+
+# -- 6. replay determinism through the broker ---------------------------------
+
+
+def test_replay_is_deterministic_through_the_broker(broker: str) -> None:
+    def through_broker(seed: int) -> dict[tuple[str, int], list[tuple[bytes, bytes]]]:
+        run = uuid.uuid4().hex[:10]
+        topics = TopicNames(**{k: f"replay-{run}-{k}" for k in TopicNames.model_fields})
+        ensure_topics(broker, topics, partitions=3)
+        timeline = build_timeline(seed=seed, limit=500)
+        counts = publish(timeline, broker, topics)
+        assert sum(counts.values()) == len(timeline) == 500
+        out = {}
+        for kind, name in topics.inputs().items():
+            for partition, records in _read_topic(broker, name).items():
+                out[(kind, partition)] = [(r.key, r.value) for r in records]
+        assert sum(map(len, out.values())) == 500
+        # What went in is what the timeline encodes, in timeline order per partition.
+        encoded = [_encode(r) for _, _, r in timeline]
+        assert Counter(v for recs in out.values() for _k, v in recs) == Counter(encoded)
+        position = {v: i for i, v in enumerate(encoded)}
+        for (kind, partition), recs in out.items():
+            order = [position[v] for _k, v in recs]
+            assert order == sorted(order), f"{kind}[{partition}] is not in timeline order"
+        return out
+
+    a, b, c = through_broker(11), through_broker(11), through_broker(12)
+    assert a == b
+    assert a != c
