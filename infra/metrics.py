@@ -105,6 +105,7 @@ class Metrics:
     event_time_to_stored: BulkHistogram
     consumer_lag: Gauge
     assigned_partitions: Gauge
+    last_commit: Gauge
     alerts_emitted: Counter
 
 
@@ -169,6 +170,11 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         assigned_partitions=Gauge(
             "artwatch_streams_assigned_partitions",
             "Input partitions this worker owns now (0 until it joined its group).",
+            registry=r,
+        ),
+        last_commit=Gauge(
+            "artwatch_streams_last_commit_timestamp_seconds",
+            "Wall-clock time of the last sink commit (staleness alarms; the benchmark's end mark).",
             registry=r,
         ),
         alerts_emitted=Counter(

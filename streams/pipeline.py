@@ -149,6 +149,7 @@ class BatchPipeline:
         m.sink_batch_rows.labels(table=self.kind).observe(len(records))
         m.sink_batch_seconds.labels(table=self.kind).observe(result.seconds)
         m.event_to_stored.labels(topic=topic).observe_many([committed - ts for ts in batch.stamps])
+        m.last_commit.set(committed)
         m.event_time_to_stored.labels(topic=topic).observe_many([committed - r.ts.timestamp() for r in records])
         return out
 

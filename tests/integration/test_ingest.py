@@ -86,36 +86,43 @@ def _start(settings: Settings, log: Path) -> WorkerProcess:
 
 
 DL_LIMIT = 4096  # validation.max_message_bytes of the dead-letter test's worker
+KILL_EVENTS = {"batch": 30_000, "agents": 6_000}  # the agents engine runs at ~4-5k events/s
 
-# test (by pytest item name) -> the first worker it needs: (database, timescale mode, settings overrides)
-ROLES: dict[str, tuple[str, str, dict]] = {
-    "test_exactly_once_with_duplicates[timescale]": ("timescale", "on", {}),
-    "test_exactly_once_with_duplicates[plain]": ("plain", "off", {}),
-    "test_sigkill_mid_stream_loses_and_duplicates_nothing[batch]": ("fresh", "on", {"engine": "batch"}),
-    "test_sigkill_mid_stream_loses_and_duplicates_nothing[agents]": ("fresh", "on", {"engine": "agents"}),
-    "test_malformed_messages_are_deadlettered_and_the_stream_goes_on": (
-        "timescale", "on", {"validation": {"max_message_bytes": DL_LIMIT}}),
-    "test_sale_outlier_alert_once_end_to_end": ("timescale", "on", {}),
+# test (pytest item name) -> {role: (database, timescale mode, settings overrides)}: the workers
+# it needs launched before it runs. "fresh": a database of the worker's own.
+ROLES: dict[str, dict[str, tuple[str, str, dict]]] = {
+    "test_exactly_once_with_duplicates[timescale]": {"main": ("timescale", "on", {})},
+    "test_exactly_once_with_duplicates[plain]": {"main": ("plain", "off", {})},
+    "test_sigkill_mid_stream_loses_and_duplicates_nothing": {
+        engine: ("fresh", "on", {"engine": engine}) for engine in KILL_EVENTS
+    },
+    "test_malformed_messages_are_deadlettered_and_the_stream_goes_on": {
+        "main": ("timescale", "on", {"validation": {"max_message_bytes": DL_LIMIT}}),
+    },
+    "test_sale_outlier_alert_once_end_to_end": {
+        "main": ("timescale", "on", {}),
+        "replay": ("timescale", "on", {}),
+    },
 }
 
 
 class Fleet:
-    """The first worker of each selected test, all launched together."""
+    """The workers of every selected test, launched together at module start."""
 
     def __init__(self) -> None:
-        self.workers: dict[str, WorkerProcess] = {}
+        self.workers: dict[tuple[str, str], WorkerProcess] = {}
         self.extra: list[WorkerProcess] = []
         self.fresh_dbs: list[str] = []
 
-    def worker(self, request) -> WorkerProcess:
-        """This test's worker, ready (it has been joining its group meanwhile)."""
-        return _ready(self.workers[request.node.name])
+    def worker(self, request, role: str = "main") -> WorkerProcess:
+        """This test's worker for ``role``, ready (it has been joining its group meanwhile)."""
+        return _ready(self.workers[(request.node.name, role)])
 
-    def start(self, settings: Settings, log: Path) -> WorkerProcess:
-        """A further worker (a restart), started and waited for now."""
+    def launch(self, settings: Settings, log: Path) -> WorkerProcess:
+        """A further worker (a restart), started now; ``_ready`` it."""
         w = _launch(settings, log)
         self.extra.append(w)
-        return _ready(w)
+        return w
 
     def close(self) -> None:
         for w in [*self.workers.values(), *self.extra]:
@@ -130,20 +137,20 @@ class Fleet:
 def fleet(request, broker, tmp_path_factory):
     fleet = Fleet()
     try:
-        wanted = [item.name for item in request.session.items if item.name in ROLES
-                  and item.module is request.module]
+        wanted = [item.name for item in request.session.items
+                  if item.name in ROLES and item.module is request.module]
         for name in wanted:
-            db, mode, overrides = ROLES[name]
-            if db == "fresh":
-                dbname = f"artwatch_test_{uuid.uuid4().hex[:10]}"
-                dsn = _fresh_database(dbname)
-                fleet.fresh_dbs.append(dbname)
-            else:
-                dsn = request.getfixturevalue(f"{db}_dsn")
-            migrate(dsn, timescale=mode)
-            data_dir = tmp_path_factory.mktemp("worker")
-            settings = _settings(broker, dsn, data_dir, mode, **overrides)
-            fleet.workers[name] = _launch(settings, data_dir / "worker1.log")
+            for role, (db, mode, overrides) in ROLES[name].items():
+                if db == "fresh":
+                    dbname = f"artwatch_test_{uuid.uuid4().hex[:10]}"
+                    dsn = _fresh_database(dbname)
+                    fleet.fresh_dbs.append(dbname)
+                else:
+                    dsn = request.getfixturevalue(f"{db}_dsn")
+                migrate(dsn, timescale=mode)
+                data_dir = tmp_path_factory.mktemp("worker")
+                settings = _settings(broker, dsn, data_dir, mode, **overrides)
+                fleet.workers[(name, role)] = _launch(settings, data_dir / f"{role}.log")
         yield fleet
     finally:
         fleet.close()
@@ -319,75 +326,113 @@ def test_exactly_once_with_duplicates(any_dsn, fleet: Fleet, request) -> None:
 # -- 2. SIGKILL mid-stream ----------------------------------------------------
 
 
-@pytest.mark.parametrize("engine,n_events", [("batch", 30_000), ("agents", 6_000)], ids=["batch", "agents"])
-def test_sigkill_mid_stream_loses_and_duplicates_nothing(
-    engine: str, n_events: int, fleet: Fleet, request, run_id, tmp_path: Path
-) -> None:
-    first = fleet.worker(request)
-    settings = first.settings
-    dsn = settings.dsn()  # a database of its own: no other worker's sessions in it
-    assert settings.worker.engine == engine
-    prefix = f"kill-{engine}-{run_id}"
-    sales = _sales(prefix, n_events, collections=40, seed=5)
-    ids = {s.event_id for s in sales}
-    items = _encoded(sales)
-    head = items[: n_events * 2 // 3]  # before the crash; the rest arrives while no worker runs
-    producer = threading.Thread(target=_produce, args=(settings.broker_url, settings.topics.sales, head))
-    producer.start()  # the worker consumes while the backlog is produced; killed at its first commit
-    try:
-        _wait(first, lambda m: m.get("events_stored_total", 0) > 0, 120, "the first stored batch", poll=0.02)
-    finally:
-        first.kill()
-        producer.join()
-    assert first.proc.returncode == -9
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        # The dead worker's sessions end server-side (a COMMIT already sent may still land) before counting.
-        deadline = time.monotonic() + 15
-        while conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
-        ).fetchone()[0] and time.monotonic() < deadline:
-            time.sleep(0.1)
-        at_kill = conn.execute("SELECT count(*) FROM sales WHERE event_id LIKE %s", (f"{prefix}-%",)).fetchone()[0]
-    assert 0 < at_kill < n_events, f"the kill should land mid-stream, {at_kill} of {n_events} stored"
+def _client_sessions(conn: psycopg.Connection) -> int:
+    return conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+    ).fetchone()[0]
 
-    _produce(settings.broker_url, settings.topics.sales, items[len(head):])
-    # A sentinel per partition behind everything else: once all are stored, every
-    # partition was read to its end (stored or dropped as duplicate, rollups folded).
-    sentinels = [
-        msgspec.structs.replace(s, event_id=f"sentinel-{run_id}-{p}", collection=f"sentinel-{run_id}")
-        for p, s in enumerate(bench_sales(settings.worker.partitions, seed=99))
+
+def test_sigkill_mid_stream_loses_and_duplicates_nothing(fleet: Fleet, request, run_id, tmp_path: Path) -> None:
+    """Both engines, side by side: a worker restarted in the group of a SIGKILLed
+    one waits out the dead member's session (~2 min on Tansu), so the two
+    engines' restarts overlap instead of running one after the other."""
+    first = {engine: fleet.worker(request, engine) for engine in KILL_EVENTS}
+    settings = {engine: w.settings for engine, w in first.items()}
+    for engine, s in settings.items():
+        assert s.worker.engine == engine
+    prefix = {engine: f"kill-{engine}-{run_id}" for engine in KILL_EVENTS}
+    sales = {engine: _sales(prefix[engine], n, collections=40, seed=5) for engine, n in KILL_EVENTS.items()}
+    items = {engine: _encoded(v) for engine, v in sales.items()}
+    head = {engine: v[: len(v) * 2 // 3] for engine, v in items.items()}  # the rest comes while no worker runs
+
+    # Each worker consumes while its backlog is produced and is killed at its first commit.
+    producers = [
+        threading.Thread(target=_produce, args=(settings[e].broker_url, settings[e].topics.sales, head[e]))
+        for e in KILL_EVENTS
     ]
-    second = fleet.start(settings, tmp_path / "worker2.log")  # same app id: same group, committed offsets
+    for t in producers:
+        t.start()
     try:
-        for p, s in enumerate(sentinels):
-            _produce(settings.broker_url, settings.topics.sales, _encoded([s]), partition=p)
-        deadline = time.monotonic() + 180
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            while conn.execute("SELECT count(*) FROM sales WHERE collection = %s",
-                               (f"sentinel-{run_id}",)).fetchone()[0] < len(sentinels):
-                if not second.alive() or time.monotonic() > deadline:
-                    pytest.fail(f"the restarted worker did not catch up:\n{_log_tail(second)}")
-                time.sleep(0.2)
-        m2 = second.metrics()
+        deadline = time.monotonic() + 120
+        alive = dict(first)
+        while alive:
+            for engine, w in list(alive.items()):
+                if not w.alive():
+                    pytest.fail(f"{engine} worker died before the kill:\n{_log_tail(w)}")
+                try:
+                    stored = w.metrics().get("events_stored_total", 0)
+                except OSError:
+                    stored = 0
+                if stored > 0:
+                    w.kill()
+                    del alive[engine]
+            if time.monotonic() > deadline:
+                pytest.fail(f"no batch stored by {sorted(alive)} in 120 s")
+            time.sleep(0.02)
     finally:
-        second.stop()
+        for w in first.values():
+            w.kill()
+        for t in producers:
+            t.join()
 
-    assert m2.get("deadletter_total", 0) == 0
-    with psycopg.connect(dsn) as conn:
-        rows = conn.execute("SELECT event_id, count(*) FROM sales WHERE event_id LIKE %s GROUP BY event_id",
-                            (f"{prefix}-%",)).fetchall()
-        counts = dict(rows)
-        assert len(counts) == n_events and set(counts) == ids, f"missing {sorted(ids - set(counts))[:5]}"
-        assert set(counts.values()) == {1}
-        assert sum(counts.values()) == n_events
-        volume = conn.execute("SELECT sum(price) FROM sales WHERE event_id LIKE %s", (f"{prefix}-%",)).fetchone()[0]
-        colls = sorted({s.collection for s in sales})
-        for table in ("rollup_1m", "rollup_1h"):
-            totals = _rollup_totals(conn, table, colls)
-            assert totals == {"sales": (n_events, volume)}, f"{table}: {totals} != {n_events} rows / {volume}"
-    # Everything the first worker had stored but not committed was re-read and dropped, not stored again.
-    assert m2["events_stored_total"] == n_events - at_kill + len(sentinels)
+    at_kill = {}
+    for engine, w in first.items():
+        assert w.proc.returncode == -9
+        with psycopg.connect(settings[engine].dsn(), autocommit=True) as conn:
+            # The dead worker's sessions end server side (a COMMIT already sent may still land) before counting.
+            deadline = time.monotonic() + 15
+            while _client_sessions(conn) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            at_kill[engine] = conn.execute("SELECT count(*) FROM sales").fetchone()[0]
+        assert 0 < at_kill[engine] < KILL_EVENTS[engine], f"{engine}: kill not mid-stream ({at_kill[engine]} stored)"
+        _produce(settings[engine].broker_url, settings[engine].topics.sales, items[engine][len(head[engine]):])
+
+    # Same settings, so the same consumer group and its committed offsets.
+    second = {engine: fleet.launch(s, tmp_path / f"{engine}-restart.log") for engine, s in settings.items()}
+    try:
+        for w in second.values():
+            _ready(w, timeout=200)
+        # A sentinel per partition behind everything else: once all are stored, every
+        # partition was read to its end (stored or dropped as duplicate, rollups folded).
+        partitions = settings["batch"].worker.partitions
+        sentinels = [
+            msgspec.structs.replace(s, event_id=f"sentinel-{run_id}-{p}", collection=f"sentinel-{run_id}")
+            for p, s in enumerate(bench_sales(partitions, seed=99))
+        ]
+        for s in settings.values():
+            for p, sentinel in enumerate(sentinels):
+                _produce(s.broker_url, s.topics.sales, _encoded([sentinel]), partition=p)
+        deadline = time.monotonic() + 120
+        for engine, w in second.items():
+            with psycopg.connect(settings[engine].dsn(), autocommit=True) as conn:
+                while conn.execute("SELECT count(*) FROM sales WHERE collection = %s",
+                                   (f"sentinel-{run_id}",)).fetchone()[0] < len(sentinels):
+                    if not w.alive() or time.monotonic() > deadline:
+                        pytest.fail(f"the restarted {engine} worker did not catch up:\n{_log_tail(w)}")
+                    time.sleep(0.2)
+        after = {engine: w.metrics() for engine, w in second.items()}
+    finally:
+        for w in second.values():
+            w.stop()
+
+    for engine, n in KILL_EVENTS.items():
+        ids = {s.event_id for s in sales[engine]}
+        with psycopg.connect(settings[engine].dsn()) as conn:
+            counts = dict(conn.execute("SELECT event_id, count(*) FROM sales WHERE event_id LIKE %s GROUP BY event_id",
+                                       (f"{prefix[engine]}-%",)).fetchall())
+            assert len(counts) == n and set(counts) == ids, f"{engine}: missing {sorted(ids - set(counts))[:5]}"
+            assert set(counts.values()) == {1}, f"{engine}: stored twice"
+            volume = conn.execute("SELECT sum(price) FROM sales WHERE event_id LIKE %s",
+                                  (f"{prefix[engine]}-%",)).fetchone()[0]
+            colls = sorted({s.collection for s in sales[engine]})
+            for table in ("rollup_1m", "rollup_1h"):
+                totals = _rollup_totals(conn, table, colls)
+                assert totals == {"sales": (n, volume)}, f"{engine} {table}: {totals} != {n} rows / {volume}"
+        m = after[engine]
+        assert m.get("deadletter_total", 0) == 0
+        # Whatever the dead worker had stored but not committed was re-read and dropped, not stored again.
+        assert m["events_stored_total"] == n - at_kill[engine] + len(sentinels), (engine, m, at_kill[engine])
 
 
 # -- 3. dead letters -----------------------------------------------------------
@@ -470,7 +515,7 @@ def test_malformed_messages_are_deadlettered_and_the_stream_goes_on(
 # -- 4. alerts end to end ------------------------------------------------------
 
 
-def test_sale_outlier_alert_once_end_to_end(fleet: Fleet, request, run_id, tmp_path: Path) -> None:
+def test_sale_outlier_alert_once_end_to_end(fleet: Fleet, request, run_id) -> None:
     worker = fleet.worker(request)
     settings = worker.settings
     dsn = settings.dsn()
@@ -495,14 +540,14 @@ def test_sale_outlier_alert_once_end_to_end(fleet: Fleet, request, run_id, tmp_p
         finally:
             worker.stop()
 
-    def alerts_now() -> tuple[list, list[Alert]]:
+    def alerts_now(topic: str = settings.topics.alerts) -> tuple[list, list[Alert]]:
         with psycopg.connect(dsn) as conn:
             rows = conn.execute(
                 "SELECT alert_id, kind, subject, published_at, evidence FROM alerts WHERE collection = %s",
                 (collection,),
             ).fetchall()
         on_topic = [msgspec.json.decode(r.value, type=Alert)
-                    for recs in _read_topic(settings.broker_url, settings.topics.alerts).values() for r in recs]
+                    for recs in _read_topic(settings.broker_url, topic).values() for r in recs]
         return rows, on_topic
 
     m = handled(worker, len(events))
@@ -518,11 +563,15 @@ def test_sale_outlier_alert_once_end_to_end(fleet: Fleet, request, run_id, tmp_p
         (alert_id, "sale_outlier", outlier.item_id, collection)
     ]
 
-    # The same events again, read from the start by a fresh consumer group:
-    # the rule sees the outlier again, but the alert exists and is published.
-    _produce(settings.broker_url, settings.topics.sales, items, sequential=True)
-    again = settings.model_copy(update={"app_id": f"{settings.app_id}-again"})
-    m = handled(fleet.start(again, tmp_path / "worker2.log"), 2 * len(events))
+    # A replay after the restart: another worker process (fresh memory, same
+    # database; launched with the fleet to save a ~30 s group join) gets the
+    # same events twice. Its rule sees the outlier again (warmed from the
+    # database), but the alert exists and is published: no second row, no resend.
+    replay = fleet.worker(request, "replay")
+    r = replay.settings
+    assert r.dsn() == dsn and r.app_id != settings.app_id
+    _produce(r.broker_url, r.topics.sales, items + items, sequential=True)
+    m = handled(replay, 2 * len(events))
     assert m.get("events_stored_total", 0) == 0
     assert m["events_duplicate_total"] == 2 * len(events)
     assert m.get("alerts_emitted_total", 0) == 0
@@ -530,6 +579,7 @@ def test_sale_outlier_alert_once_end_to_end(fleet: Fleet, request, run_id, tmp_p
     assert [r[0] for r in rows2] == [alert_id]
     assert rows2[0][3] == published_at, "a replay must not re-publish the alert"
     assert [a.alert_id for a in on_topic2] == [alert_id]
+    assert alerts_now(r.topics.alerts)[1] == [], "the replaying worker published an alert"
 
 
 # -- 5. migrations are idempotent ---------------------------------------------
