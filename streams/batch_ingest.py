@@ -25,7 +25,7 @@ from mode import Service
 
 from infra.metrics import Metrics
 from infra.settings import Settings
-from streams.pipeline import BatchPipeline, IncomingMessage, PreparedBatch
+from streams.pipeline import BatchPipeline, PreparedBatch
 
 __all__ = ["BatchIngest"]
 
@@ -116,13 +116,11 @@ class BatchIngest(Service):
                 self._idle.set()
                 continue
             self._idle.clear()
-            by_topic: dict[str, list[IncomingMessage]] = defaultdict(list)
+            by_topic: dict[str, list] = defaultdict(list)
             for tp, records in fetched.items():
-                by_topic[tp.topic].extend(
-                    IncomingMessage(r.topic, r.partition, r.offset, r.timestamp / 1000.0, r.key, r.value)
-                    for r in records
-                )
-            prepared = [self.pipelines[t].prepare(batch) for t, batch in by_topic.items()]
+                by_topic[tp.topic].extend(records)
+            # aiokafka records go in as they are (timestamps in ms).
+            prepared = [self.pipelines[t].prepare(batch, ts_scale=0.001) for t, batch in by_topic.items()]
             if in_flight is not None:
                 await self._finish(*in_flight)
             offsets = {tp: records[-1].offset + 1 for tp, records in fetched.items()}

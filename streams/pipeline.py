@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Awaitable, NamedTuple, Callable, Optional, Sequence
 
 import msgspec
+import numpy as np
 import psycopg
 
 from alerts.alert import Alert
@@ -67,6 +68,7 @@ class PreparedBatch:
     rows: list[tuple]
     stamps: list[float]
     dead: list[DeadLetter]
+    ts_scale: float = 1.0  # stamps * ts_scale = seconds
 
 
 class BatchPipeline:
@@ -96,9 +98,13 @@ class BatchPipeline:
         """Validate and store one batch (``prepare`` then ``store``)."""
         return await self.store(self.prepare(messages))
 
-    def prepare(self, messages: Sequence[IncomingMessage]) -> "PreparedBatch":
+    def prepare(self, messages: Sequence[IncomingMessage], ts_scale: float = 1.0) -> "PreparedBatch":
         """The CPU half: decode and validate. Touches no state, so the batch
-        engine runs it for the next fetch while this one's transaction runs."""
+        engine runs it for the next fetch while this one's transaction runs.
+
+        ``messages`` may be anything shaped like IncomingMessage (aiokafka's
+        records are passed as they are, with ``ts_scale=0.001`` for their
+        millisecond timestamps)."""
         topic = messages[0].topic if messages else self.kind
         self.metrics.events_in.labels(topic=topic).inc(len(messages))
         records, stamps, dead = [], [], []
@@ -112,18 +118,20 @@ class BatchPipeline:
                 dead.append(self._deadletter(m, exc))
                 log.warning("deadletter %s[%s]@%s: %s", m.topic, m.partition, m.offset, exc)
         rows = list(map(self._row, records))
-        return PreparedBatch(topic, len(messages), records, rows, stamps, dead)
+        return PreparedBatch(topic, len(messages), records, rows, stamps, dead, ts_scale)
 
     async def store(self, batch: "PreparedBatch") -> BatchOutcome:
         """The I/O half: one transaction, then dead letters and alerts out."""
         records, dead = batch.records, batch.dead
-        new_alerts: list[Alert] = []
+        # Scored once, before the transaction: a retried transaction must not
+        # score again (the rule has learned these sales and would stay silent).
+        new_alerts = await self._score(records) if self.rule is not None and records else []
 
         async def before_commit(conn: psycopg.AsyncConnection, new_keys: frozenset) -> None:
             if dead:
                 await _insert_deadletters(conn, dead)
-            if self.rule is not None and records:
-                new_alerts.extend(await self._alerts(conn, records))
+            if new_alerts:
+                await _insert_alerts(conn, new_alerts)
 
         result = await self.sink.write(self.kind, batch.rows, before_commit)
         committed = self.clock()
@@ -148,7 +156,7 @@ class BatchPipeline:
         m.events_duplicate.labels(topic=topic).inc(out.duplicates)
         m.sink_batch_rows.labels(table=self.kind).observe(len(records))
         m.sink_batch_seconds.labels(table=self.kind).observe(result.seconds)
-        m.event_to_stored.labels(topic=topic).observe_many([committed - ts for ts in batch.stamps])
+        m.event_to_stored.labels(topic=topic).observe_many(committed - np.asarray(batch.stamps) * batch.ts_scale)
         m.last_commit.set(committed)
         m.event_time_to_stored.labels(topic=topic).observe_many([committed - r.ts.timestamp() for r in records])
         return out
@@ -166,29 +174,28 @@ class BatchPipeline:
             value=m.value[: self.settings.validation.max_message_bytes] if m.value else m.value,
         )
 
-    async def _alerts(self, conn: psycopg.AsyncConnection, sales: list[Sale]) -> list[Alert]:
+    async def _score(self, sales: list[Sale]) -> list[Alert]:
+        """Run the alert rule over the batch in event-time order."""
         rule = self.rule
         assert rule is not None
         ordered = sorted(sales, key=lambda s: (s.ts, s.event_id))
-        await _warm_rule(conn, rule, ordered)
-        alerts = [
-            a
-            for s in ordered
-            if (a := rule.observe(s))
-        ]
-        if not alerts:
-            return []
-        async with conn.cursor() as cur:
-            await cur.executemany(
-                "INSERT INTO alerts (alert_id, ts, kind, severity, subject, collection, evidence, model_versions, synthetic)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                [
-                    (a.alert_id, a.ts, a.kind, a.severity, a.subject, a.collection,
-                     psycopg.types.json.Jsonb(a.evidence), psycopg.types.json.Jsonb(a.model_versions), a.synthetic)
-                    for a in alerts
-                ],
-            )
-        return alerts
+        conn = await self.sink.connect()
+        async with conn.transaction():
+            await _warm_rule(conn, rule, ordered)
+        return [a for s in ordered if (a := rule.observe(s))]
+
+
+async def _insert_alerts(conn: psycopg.AsyncConnection, alerts: list[Alert]) -> None:
+    async with conn.cursor() as cur:
+        await cur.executemany(
+            "INSERT INTO alerts (alert_id, ts, kind, severity, subject, collection, evidence, model_versions, synthetic)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            [
+                (a.alert_id, a.ts, a.kind, a.severity, a.subject, a.collection,
+                 psycopg.types.json.Jsonb(a.evidence), psycopg.types.json.Jsonb(a.model_versions), a.synthetic)
+                for a in alerts
+            ],
+        )
 
 
 async def _warm_rule(conn: psycopg.AsyncConnection, rule: SaleOutlierRule, ordered: list[Sale]) -> None:

@@ -6,7 +6,7 @@ topics and consumer group. Tables are shared per database within the session,
 so every query is scoped to the ids or collections the test produced.
 
 A worker spends ~30 s joining its consumer group on Tansu, so the first worker
-of every selected test is launched at once by the module's ``fleet`` (they
+of every selected test is launched at once by the ``fleet`` fixture (they
 wait in parallel); only restarts, which are what those tests are about, start
 a worker on their own.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import threading
 import time
 import uuid
@@ -107,7 +108,7 @@ ROLES: dict[str, dict[str, tuple[str, str, dict]]] = {
 
 
 class Fleet:
-    """The workers of every selected test, launched together at module start."""
+    """The workers of every selected test, launched together when the first is needed."""
 
     def __init__(self) -> None:
         self.workers: dict[tuple[str, str], WorkerProcess] = {}
@@ -133,12 +134,16 @@ class Fleet:
                     conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fleet(request, broker, tmp_path_factory):
+    # Session scope, not module: pytest groups the tests of all modules by the
+    # session-parametrized any_dsn, leaving and re-entering this module, which
+    # would tear a module fixture down and launch every worker again.
     fleet = Fleet()
     try:
+        here = sys.modules[__name__]
         wanted = [item.name for item in request.session.items
-                  if item.name in ROLES and item.module is request.module]
+                  if item.name in ROLES and getattr(item, "module", None) is here]
         for name in wanted:
             for role, (db, mode, overrides) in ROLES[name].items():
                 if db == "fresh":
