@@ -41,7 +41,7 @@ def _cmd_stack(settings: Settings, args: argparse.Namespace) -> int:
 def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     from infra.db.migrate import migrate
 
-    report = migrate(settings.dsn(), timescale=args.timescale)
+    report = migrate(settings.dsn(), timescale=args.timescale or settings.timescale)
     print(json.dumps({"applied": report.applied, "timescale": report.timescale, "hypertables": report.hypertables}))
     return 0
 
@@ -106,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_stack)
 
     s = sub.add_parser("migrate", help="create or update the database schema")
-    s.add_argument("--timescale", choices=("auto", "on", "off"), default="auto")
+    s.add_argument("--timescale", choices=("auto", "on", "off"), default=None,
+                   help="default: ARTWATCH_TIMESCALE (auto: hypertables when the extension is installed)")
     s.set_defaults(func=_cmd_migrate)
 
     s = sub.add_parser("worker", help="run the stream worker (validate, store, roll up, alert)")

@@ -70,6 +70,8 @@ def create_app(settings: Settings, metrics: Optional[Metrics] = None, dsn: Optio
         web_bind="127.0.0.1",
         stream_buffer_maxsize=max(4096, 2 * w.batch_size),
         broker_commit_interval=1.0,
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=3.0,
         broker_max_poll_records=max(500, w.batch_size),
     )
     app.artwatch_metrics = metrics  # type: ignore[attr-defined]

@@ -176,7 +176,7 @@ def bench_ingest(settings: Settings, events: int = 100_000, rounds: int = 2) -> 
     try:
         with psycopg.connect(base_dsn, autocommit=True) as conn:
             conn.execute(f'CREATE SCHEMA "{schema}"')
-        timescale = migrate(dsn).timescale
+        timescale = migrate(dsn, timescale=settings.timescale).timescale
         ensure_topics(settings.broker_url, bench.topics, settings.worker.partitions, include_outputs=True)
         sales = bench_sales(events + 1)
         items = [(s.item_id.encode(), msgspec.json.encode(s)) for s in sales]

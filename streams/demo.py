@@ -63,7 +63,7 @@ def run_demo(
     stack.up()
     worker = WorkerProcess(settings, settings.data_dir / "demo-worker.log")
     try:
-        report = migrate(settings.dsn())
+        report = migrate(settings.dsn(), timescale=settings.timescale)
         console.print(f"[bold]2/5[/] schema ready (TimescaleDB: {report.timescale})")
         ensure_topics(settings.broker_url, settings.topics, settings.worker.partitions, include_outputs=True)
         timeline = build_timeline(seed, limit=events, start=start)

@@ -40,11 +40,27 @@ def _dsn_for(db: str) -> str:
     return psycopg.conninfo.make_conninfo(ADMIN_DSN, dbname=db)
 
 
+_CREATED: list[str] = []
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Drop the databases this session created."""
+    if not _CREATED:
+        return
+    try:
+        with psycopg.connect(ADMIN_DSN, autocommit=True, connect_timeout=5) as conn:
+            for name in _CREATED:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    except psycopg.Error:
+        pass  # best effort; names carry the pid, so a later run never reuses one
+
+
 def _fresh_database(name: str) -> str:
     try:
         with psycopg.connect(ADMIN_DSN, autocommit=True, connect_timeout=5) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             conn.execute(f'CREATE DATABASE "{name}"')
+        _CREATED.append(name)
     except psycopg.OperationalError as exc:
         unavailable(f"PostgreSQL at {ADMIN_DSN}: {exc}")
     return _dsn_for(name)
