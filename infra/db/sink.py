@@ -31,7 +31,7 @@ from psycopg import sql
 from infra.db.rollup import fold, upsert_rollups
 from infra.errors import SinkBackpressure
 
-__all__ = ["TableSpec", "EventSink", "WriteResult"]
+__all__ = ["TableSpec", "EventSink", "WriteResult", "column_types"]
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,9 @@ class WriteResult:
 
 
 def _copy_sql(table: str, columns: tuple[str, ...]) -> sql.Composed:
-    return sql.SQL("COPY {t} ({c}) FROM STDIN").format(
+    # Binary: psycopg formats a row in ~2 µs instead of ~3.7 µs for text, and
+    # the server skips parsing numerics and timestamps.
+    return sql.SQL("COPY {t} ({c}) FROM STDIN (FORMAT BINARY)").format(
         t=sql.Identifier(table), c=sql.SQL(", ").join(map(sql.Identifier, columns))
     )
 
@@ -87,6 +89,20 @@ def _insert_new_sql(spec: TableSpec) -> sql.Composed:
         t=sql.Identifier(spec.table), s=sql.Identifier(spec.staging), c=cols,
         k=sql.SQL(", ").join(map(sql.Identifier, spec.key)),
     )
+
+
+async def column_types(conn: psycopg.AsyncConnection, table: str, columns: Sequence[str]) -> list[str]:
+    """SQL type names of ``columns`` of ``table`` (as the server reports them)."""
+    cur = await conn.execute(
+        "SELECT attname, format_type(atttypid, NULL) FROM pg_attribute"
+        " WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+        (table,),
+    )
+    types = dict(await cur.fetchall())
+    missing = [c for c in columns if c not in types]
+    if missing:
+        raise psycopg.errors.UndefinedColumn(f"{table} has no column(s) {missing}; run artwatch migrate")
+    return [types[c] for c in columns]
 
 
 class EventSink:
@@ -118,11 +134,13 @@ class EventSink:
         self.on_retry = on_retry
         self._conn: Optional[psycopg.AsyncConnection] = None
         self.fallbacks = 0  # batches that took the safe path
+        self._types: dict[str, list[str]] = {}  # table -> column types, for binary COPY
 
     async def connect(self) -> psycopg.AsyncConnection:
         if self._conn is None or self._conn.closed:
             conn = await psycopg.AsyncConnection.connect(self.conninfo)
             for spec in self.specs.values():
+                self._types[spec.table] = await column_types(conn, spec.table, spec.columns)
                 await conn.execute(
                     sql.SQL(
                         "CREATE TEMP TABLE IF NOT EXISTS {s} (LIKE {t} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
@@ -195,12 +213,12 @@ class EventSink:
             return []
         try:
             async with conn.transaction():  # savepoint: a conflict undoes only this COPY
-                await self._copy(conn, _copy_sql(spec.table, spec.columns), rows)
+                await self._copy(conn, _copy_sql(spec.table, spec.columns), self._types[spec.table], rows)
             return list(rows)
         except psycopg.errors.UniqueViolation:
             self.fallbacks += 1
             log.info("%s: batch overlaps stored rows (replay); inserting only the new ones", spec.table)
-        await self._copy(conn, _copy_sql(spec.staging, spec.columns), rows)
+        await self._copy(conn, _copy_sql(spec.staging, spec.columns), self._types[spec.table], rows)
         cur = await conn.execute(_insert_new_sql(spec))
         fresh = {tuple(k) for k in await cur.fetchall()}
         new_rows = []
@@ -212,8 +230,9 @@ class EventSink:
         return new_rows
 
     @staticmethod
-    async def _copy(conn: psycopg.AsyncConnection, statement: sql.Composed, rows) -> None:
+    async def _copy(conn: psycopg.AsyncConnection, statement: sql.Composed, types: list[str], rows) -> None:
         async with conn.cursor() as cur:
             async with cur.copy(statement) as copy:
+                copy.set_types(types)
                 for row in rows:
                     await copy.write_row(row)
