@@ -43,6 +43,8 @@ class ValidationSettings(_Section):
 class WorkerSettings(_Section):
     batch_size: int = Field(2000, ge=1, le=100_000)
     batch_within_s: float = Field(0.25, gt=0)
+    # Batches committing at once per topic (batch engine); each has its own connection.
+    max_in_flight: int = Field(2, ge=1, le=8)
     partitions: int = Field(4, ge=1)
     web_port: int = Field(6066, ge=1, le=65535)
     metrics_port: int = Field(9464, ge=0, le=65535)  # 0: no endpoint

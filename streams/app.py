@@ -97,6 +97,8 @@ def create_app(settings: Settings, metrics: Optional[Metrics] = None, dsn: Optio
             [TABLE_SPECS[kind]],
             retry_max_s=w.sink_retry_max_s,
             on_retry=lambda exc: metrics.sink_retries.labels(table=kind).inc(),
+            # One more than the batches in flight: the rule's warm-up reads too.
+            connections=w.max_in_flight + 1,
         )
         return BatchPipeline(kind, settings, sink, metrics, publish, rule=rule)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import Callable, Mapping, Optional
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -106,17 +106,17 @@ class BatchIngest(Service):
         consumer = self.consumer
         assert consumer is not None
         w = self.settings.worker
-        # One batch in flight: while its transaction runs, the next fetch is
-        # decoded (the database works on the other core). Batches still store
-        # in order, and offsets commit only after their own batch committed.
-        in_flight: Optional[tuple[asyncio.Task, dict[TopicPartition, int]]] = None
+        # Up to max_in_flight batches committing at once (on separate
+        # connections) while the next fetch is decoded and scored: the worker's
+        # CPU then overlaps the database's. Offsets still commit strictly in
+        # fetch order, each only after its own batch (and all before it) committed.
+        in_flight: deque[tuple[asyncio.Task, dict[TopicPartition, int]]] = deque()
         while not self.should_stop:
             fetched = await consumer.getmany(timeout_ms=int(w.batch_within_s * 1000), max_records=w.batch_size)
             self.metrics.assigned_partitions.set(len(consumer.assignment()))
             if not fetched:
-                if in_flight is not None:
-                    await self._finish(*in_flight)
-                    in_flight = None
+                while in_flight:
+                    await self._finish(*in_flight.popleft())
                 self._idle.set()
                 continue
             self._idle.clear()
@@ -124,13 +124,13 @@ class BatchIngest(Service):
             for tp, records in fetched.items():
                 by_topic[tp.topic].extend(records)
             # aiokafka records go in as they are (timestamps in ms).
-            prepared = [self.pipelines[t].prepare(batch, ts_scale=0.001) for t, batch in by_topic.items()]
-            if in_flight is not None:
-                await self._finish(*in_flight)
+            prepared = [await self.pipelines[t].prepare(batch, ts_scale=0.001) for t, batch in by_topic.items()]
+            while len(in_flight) >= w.max_in_flight:
+                await self._finish(*in_flight.popleft())
             offsets = {tp: records[-1].offset + 1 for tp, records in fetched.items()}
-            in_flight = (asyncio.ensure_future(self._store(prepared)), offsets)
-        if in_flight is not None:
-            await self._finish(*in_flight)
+            in_flight.append((asyncio.ensure_future(self._store(prepared)), offsets))
+        while in_flight:
+            await self._finish(*in_flight.popleft())
         self._idle.set()
 
     async def _store(self, prepared: list[PreparedBatch]) -> None:

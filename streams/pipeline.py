@@ -68,6 +68,7 @@ class PreparedBatch:
     rows: list[tuple]
     stamps: list[float]
     dead: list[DeadLetter]
+    alerts: list[Alert]
     ts_scale: float = 1.0  # stamps * ts_scale = seconds
 
 
@@ -96,11 +97,14 @@ class BatchPipeline:
 
     async def process(self, messages: Sequence[IncomingMessage]) -> BatchOutcome:
         """Validate and store one batch (``prepare`` then ``store``)."""
-        return await self.store(self.prepare(messages))
+        return await self.store(await self.prepare(messages))
 
-    def prepare(self, messages: Sequence[IncomingMessage], ts_scale: float = 1.0) -> "PreparedBatch":
-        """The CPU half: decode and validate. Touches no state, so the batch
-        engine runs it for the next fetch while this one's transaction runs.
+    async def prepare(self, messages: Sequence[IncomingMessage], ts_scale: float = 1.0) -> "PreparedBatch":
+        """Decode, validate and score the alert rule, in batch order.
+
+        The batch engine runs this for the next fetch while the previous
+        batch's transaction is still running; scoring here (not inside the
+        transaction) also means a retried transaction keeps its alerts.
 
         ``messages`` may be anything shaped like IncomingMessage (aiokafka's
         records are passed as they are, with ``ts_scale=0.001`` for their
@@ -118,14 +122,12 @@ class BatchPipeline:
                 dead.append(self._deadletter(m, exc))
                 log.warning("deadletter %s[%s]@%s: %s", m.topic, m.partition, m.offset, exc)
         rows = list(map(self._row, records))
-        return PreparedBatch(topic, len(messages), records, rows, stamps, dead, ts_scale)
+        alerts = await self._score(records) if self.rule is not None and records else []
+        return PreparedBatch(topic, len(messages), records, rows, stamps, dead, alerts, ts_scale)
 
     async def store(self, batch: "PreparedBatch") -> BatchOutcome:
         """The I/O half: one transaction, then dead letters and alerts out."""
-        records, dead = batch.records, batch.dead
-        # Scored once, before the transaction: a retried transaction must not
-        # score again (the rule has learned these sales and would stay silent).
-        new_alerts = await self._score(records) if self.rule is not None and records else []
+        records, dead, new_alerts = batch.records, batch.dead, batch.alerts
 
         async def before_commit(conn: psycopg.AsyncConnection, new_keys: frozenset) -> None:
             if dead:
@@ -179,8 +181,7 @@ class BatchPipeline:
         rule = self.rule
         assert rule is not None
         ordered = sorted(sales, key=lambda s: (s.ts, s.event_id))
-        conn = await self.sink.connect()
-        async with conn.transaction():
+        async with self.sink.connection() as conn, conn.transaction():
             await _warm_rule(conn, rule, ordered)
         return [a for s in ordered if (a := rule.observe(s))]
 
@@ -238,8 +239,7 @@ async def publish_pending_alerts(sink: EventSink, publish: Publish, topic: str) 
     Runs after each batch that raised alerts and once at worker start, so an
     alert committed just before a crash still reaches the topic.
     """
-    conn = await sink.connect()
-    async with conn.transaction():
+    async with sink.connection() as conn, conn.transaction():
         cur = await conn.execute(
             "SELECT alert_id, ts, kind, severity, subject, collection, evidence, model_versions, synthetic"
             " FROM alerts WHERE published_at IS NULL ORDER BY ts FOR UPDATE SKIP LOCKED"

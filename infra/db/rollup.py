@@ -68,7 +68,7 @@ _UPSERT = (
     " SELECT b, c, {k}, cur, n, ns, v, lo, hi FROM g" + _MERGE + ")"
     " INSERT INTO rollup_1h AS r (bucket, collection, kind, currency, n, n_synthetic, volume, min_price, max_price)"
     " SELECT date_bin('1 hour', b, timestamptz 'epoch'), c, {k}, cur, sum(n), sum(ns), sum(v), min(lo), max(hi)"
-    " FROM g GROUP BY 1, 2, 4" + _MERGE
+    " FROM g GROUP BY 1, 2, 4 ORDER BY 1, 2, 4" + _MERGE
 )
 _GROUP = msgspec.json.Encoder(decimal_format="string")
 
@@ -83,6 +83,7 @@ async def upsert_rollups(conn: psycopg.AsyncConnection, kind: str, minutes: Grou
         return
     doc = _GROUP.encode(
         [{"b": b, "c": c, "cur": cur, "n": g[0], "ns": g[1], "v": g[2], "lo": g[3], "hi": g[4]}
-         for (b, c, cur), g in minutes.items()]
+         # Sorted: concurrent batches then lock rollup rows in one order (no deadlocks).
+         for (b, c, cur), g in sorted(minutes.items())]
     )
     await conn.execute(sql.SQL(_UPSERT).format(k=sql.Literal(kind)), (doc.decode(),))

@@ -20,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from operator import itemgetter
-from typing import Any, Awaitable, Callable, Iterable, Optional, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional, Sequence
 
 import psycopg
 from psycopg import sql
@@ -105,8 +106,15 @@ async def column_types(conn: psycopg.AsyncConnection, table: str, columns: Seque
     return [types[c] for c in columns]
 
 
+async def _close_quietly(conn: psycopg.AsyncConnection) -> None:
+    try:
+        await conn.close()
+    except Exception:  # noqa: BLE001 - it is broken already; closing is best effort
+        pass
+
+
 class EventSink:
-    """Batched, idempotent writer over one async connection.
+    """Batched, idempotent writer over a few async connections.
 
     Parameters
     ----------
@@ -119,6 +127,9 @@ class EventSink:
         :class:`~infra.errors.SinkBackpressure` is raised.
     on_retry
         Called with the exception before each retry (for a metric).
+    connections
+        At most this many transactions at once (the batch engine keeps one
+        committing while it formats the next).
     """
 
     def __init__(
@@ -127,33 +138,50 @@ class EventSink:
         specs: Iterable[TableSpec],
         retry_max_s: float = 30.0,
         on_retry: Optional[Callable[[BaseException], None]] = None,
+        connections: int = 2,
     ) -> None:
+        if connections < 1:
+            raise ValueError(f"connections must be >= 1, got {connections}")
         self.conninfo = conninfo
         self.specs = {s.table: s for s in specs}
         self.retry_max_s = retry_max_s
         self.on_retry = on_retry
-        self._conn: Optional[psycopg.AsyncConnection] = None
         self.fallbacks = 0  # batches that took the safe path
         self._types: dict[str, list[str]] = {}  # table -> column types, for binary COPY
+        self._idle: list[psycopg.AsyncConnection] = []
+        self._slots = asyncio.Semaphore(connections)
 
-    async def connect(self) -> psycopg.AsyncConnection:
-        if self._conn is None or self._conn.closed:
-            conn = await psycopg.AsyncConnection.connect(self.conninfo)
-            for spec in self.specs.values():
-                self._types[spec.table] = await column_types(conn, spec.table, spec.columns)
-                await conn.execute(
-                    sql.SQL(
-                        "CREATE TEMP TABLE IF NOT EXISTS {s} (LIKE {t} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-                    ).format(s=sql.Identifier(spec.staging), t=sql.Identifier(spec.table))
-                )
-            await conn.commit()
-            self._conn = conn
-        return self._conn
+    async def _open(self) -> psycopg.AsyncConnection:
+        conn = await psycopg.AsyncConnection.connect(self.conninfo)
+        for spec in self.specs.values():
+            self._types[spec.table] = await column_types(conn, spec.table, spec.columns)
+            await conn.execute(
+                sql.SQL(
+                    "CREATE TEMP TABLE IF NOT EXISTS {s} (LIKE {t} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+                ).format(s=sql.Identifier(spec.staging), t=sql.Identifier(spec.table))
+            )
+        await conn.commit()
+        return conn
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection]:
+        """Borrow a connection; one that saw an error is closed, not reused."""
+        async with self._slots:
+            conn = self._idle.pop() if self._idle else await self._open()
+            try:
+                yield conn
+            except BaseException:
+                await _close_quietly(conn)
+                raise
+            if conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                await _close_quietly(conn)
+            else:
+                self._idle.append(conn)
 
     async def close(self) -> None:
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await _close_quietly(conn)
 
     async def write(
         self,
@@ -176,7 +204,6 @@ class EventSink:
             except _TRANSIENT as exc:
                 if self.on_retry is not None:
                     self.on_retry(exc)
-                await self._drop_connection()
                 if time.monotonic() + delay > deadline:
                     raise SinkBackpressure(
                         f"database unavailable for {self.retry_max_s:.0f}s writing {table}: {exc}",
@@ -186,19 +213,10 @@ class EventSink:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    async def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                await conn.close()
-            except Exception:  # the connection is already broken; closing is best effort
-                pass
-
     async def _write_once(self, spec: TableSpec, rows, before_commit) -> WriteResult:
         started = time.perf_counter()
-        conn = await self.connect()
         key = spec.row_key
-        async with conn.transaction():
+        async with self.connection() as conn, conn.transaction():
             new_rows = await self._insert_new(conn, spec, rows, key)
             new_keys = frozenset(map(key, new_rows))
             if spec.rollup_fields is not None and new_rows:
