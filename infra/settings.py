@@ -41,7 +41,7 @@ class ValidationSettings(_Section):
 
 
 class WorkerSettings(_Section):
-    batch_size: int = Field(2000, ge=1, le=100_000)
+    batch_size: int = Field(4000, ge=1, le=100_000)
     batch_within_s: float = Field(0.25, gt=0)
     # Batches committing at once per topic (batch engine); each has its own connection.
     max_in_flight: int = Field(2, ge=1, le=8)
@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     --------
     >>> s = Settings(broker_url="127.0.0.1:19092")
     >>> s.broker_url, s.topics.sales, s.worker.batch_size
-    ('127.0.0.1:19092', 'sales', 2000)
+    ('127.0.0.1:19092', 'sales', 4000)
     """
 
     model_config = SettingsConfigDict(

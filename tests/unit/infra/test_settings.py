@@ -30,7 +30,7 @@ def test_defaults():
     assert s.topics == TopicNames()
     assert s.topics.inputs() == {"listings": "listings", "bids": "bids", "sales": "sales", "images": "images"}
     assert (s.topics.alerts, s.topics.deadletter) == ("alerts", "deadletter")
-    assert s.worker.batch_size == 2000
+    assert s.worker.batch_size == 4000
     assert s.worker.batch_within_s == 0.25
     assert s.worker.partitions == 4
     assert (s.worker.web_port, s.worker.metrics_port) == (6066, 9464)
@@ -74,7 +74,7 @@ def test_lower_case_and_unprefixed_variables(monkeypatch):
     monkeypatch.setenv("DATABASE_URL", "postgresql://elsewhere/db")
     monkeypatch.setenv("WORKER__BATCH_SIZE", "7")
     s = Settings()
-    assert s.worker.batch_size == 2000
+    assert s.worker.batch_size == 4000
     assert s.database_url is None
 
 
@@ -150,7 +150,7 @@ def test_settings_are_frozen():
         s.topics.sales = "x"
     with pytest.raises(ValidationError):
         s.validation.max_message_bytes = 1
-    assert s.app_id == "artwatch" and s.worker.batch_size == 2000
+    assert s.app_id == "artwatch" and s.worker.batch_size == 4000
 
 
 def test_copies_are_validated_new_objects():
