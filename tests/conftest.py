@@ -115,24 +115,3 @@ def broker(tmp_path_factory) -> str:
 @pytest.fixture
 def run_id() -> str:
     return uuid.uuid4().hex[:10]
-
-
-@pytest.fixture
-def worker_settings(broker, run_id, tmp_path):
-    """Settings for one isolated worker run: own topics, group and ports.
-
-    Call with the database DSN to use."""
-    from infra.settings import TopicNames
-
-    def make(dsn: str, **worker) -> Settings:
-        names = {k: f"t{run_id}-{k}" for k in ("listings", "bids", "sales", "images", "alerts", "deadletter")}
-        return Settings(
-            app_id=f"artwatch-test-{run_id}",
-            broker_url=broker,
-            database_url=dsn,
-            data_dir=tmp_path,
-            topics=TopicNames(**names),
-            worker={"web_port": free_port(), "metrics_port": free_port(), "batch_within_s": 0.1, **worker},
-        )
-
-    return make

@@ -53,8 +53,8 @@ _encode = msgspec.json.Encoder().encode
 
 def _settings(broker: str, dsn: str, data_dir: Path, mode: str, validation: Optional[dict] = None,
               **worker) -> Settings:
-    """Like conftest's ``worker_settings`` (own topics, app id and ports), usable at
-    session scope, plus the storage mode the worker's own migration must keep."""
+    """Settings for one isolated worker (own topics, app id and ports), usable at
+    session scope, with the storage mode the worker's own migration must keep."""
     run = uuid.uuid4().hex[:10]
     names = {k: f"t{run}-{k}" for k in ("listings", "bids", "sales", "images", "alerts", "deadletter")}
     return Settings(
