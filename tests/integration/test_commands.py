@@ -1,0 +1,67 @@
+"""The README's commands, run as a user would: the demo on the embedded stack
+and the ingest benchmark. Correctness only (exit codes, stored rows, the
+figures being present and consistent), never timings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.conftest import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.broker]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ARTWATCH_")}
+    env.update(
+        ARTWATCH_DATA_DIR=str(tmp_path / "var"),
+        ARTWATCH_BROKER_URL=f"127.0.0.1:{free_port()}",
+        ARTWATCH_EMBEDDED_PG_PORT=str(free_port()),
+        ARTWATCH_WORKER__METRICS_PORT=str(free_port()),
+        ARTWATCH_WORKER__WEB_PORT=str(free_port()),
+        **extra,
+    )
+    return env
+
+
+def _artwatch(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "infra.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=timeout, stdin=subprocess.DEVNULL,
+    )
+
+
+def test_demo_on_embedded_stack_completes_and_cleans_up(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    run = _artwatch(["demo", "--events", "600"], env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "demo complete" in run.stderr
+    assert "dead letters by reason: invalid_field 2, malformed_json 1" in run.stderr
+    assert "rollup_1h" in run.stderr  # the query that shows the stored series
+    status = _artwatch(["stack", "status"], env, timeout=60)
+    state = json.loads(status.stdout)
+    assert not state["broker"]["running"] and not state["database"]["running"], state
+
+
+def test_bench_ingest_prints_figures_with_baselines(tmp_path: Path, timescale_dsn: str) -> None:
+    env = _env(tmp_path, ARTWATCH_DATABASE_URL=timescale_dsn)
+    run = _artwatch(["bench", "ingest", "--events", "3000", "--rounds", "1", "--json"], env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    for key in ("events", "pipeline_eps", "raw_consume_eps", "ratio", "sink_rows_per_s", "raw_copy_rows_per_s"):
+        assert result[key] > 0, key
+    assert result["events"] == 3000 and result["rows_verified"] == 3001
+    assert result["ratio"] == pytest.approx(result["pipeline_eps"] / result["raw_consume_eps"], rel=0.01)
+    # The bench cleans up after itself: no schema left behind.
+    with psycopg.connect(timescale_dsn) as conn:
+        left = conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'bench_%'").fetchone()[0]
+    assert left == 0
