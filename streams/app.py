@@ -1,7 +1,9 @@
-"""The Faust app: one ingest agent per market topic, built from settings.
+"""The Faust app, built from settings: the ingest of the four market topics
+(the batch engine service, or one Faust agent per topic), the output topics
+and the alert outbox.
 
 ``create_app(settings)`` has no import-time side effects (no module-level app,
-no loop pinned at import). Topics carry raw bytes; each agent decodes whole
+no loop pinned at import). Topics carry raw bytes; the pipeline decodes whole
 batches itself (see ``streams.records``).
 """
 
@@ -42,7 +44,7 @@ def _die(reason: str, exc: BaseException) -> None:
     os._exit(70)
 
 
-def create_app(settings: Settings, metrics: Optional[Metrics] = None, dsn: Optional[str] = None) -> faust.App:
+def create_app(settings: Settings, metrics: Optional[Metrics] = None) -> faust.App:
     """Build the worker's Faust app.
 
     Parameters
@@ -51,11 +53,9 @@ def create_app(settings: Settings, metrics: Optional[Metrics] = None, dsn: Optio
         The run's settings.
     metrics
         Where to count; a fresh registry when None.
-    dsn
-        Database to write to; ``settings.dsn()`` when None.
     """
     metrics = metrics or build_metrics()
-    dsn = dsn or settings.dsn()
+    dsn = settings.dsn()
     w = settings.worker
     app = faust.App(
         settings.app_id,
@@ -74,7 +74,6 @@ def create_app(settings: Settings, metrics: Optional[Metrics] = None, dsn: Optio
         broker_heartbeat_interval=3.0,
         broker_max_poll_records=max(500, w.batch_size),
     )
-    app.artwatch_metrics = metrics  # type: ignore[attr-defined]
 
     def raw_topic(name: str) -> faust.TopicT:
         return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
@@ -120,7 +119,6 @@ def create_app(settings: Settings, metrics: Optional[Metrics] = None, dsn: Optio
 
     if w.engine == "batch":
         ingest = BatchIngest(settings, pipelines, metrics, _die, loop=app.loop, beacon=app.beacon)
-        app.artwatch_ingest = ingest  # type: ignore[attr-defined]
         app._extra_services.append(ingest)  # faust's @app.service, for an instance
     else:
         for name, p in pipelines.items():

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict, deque
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
@@ -62,7 +62,6 @@ class BatchIngest(Service):
         self.metrics = metrics
         self.on_fatal = on_fatal
         self.consumer: AIOKafkaConsumer | None = None
-        self.batches = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -75,8 +74,8 @@ class BatchIngest(Service):
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=w.batch_size,
-            # Tansu lets a member join only after about half the session timeout:
-            # 10 s instead of aiokafka's 10 s/Faust's 60 s keeps restarts quick.
+            # Tansu lets a member join only after about half the session timeout,
+            # so it is kept at 10 s (Faust's own consumer defaults to 60 s).
             session_timeout_ms=10_000,
             heartbeat_interval_ms=3_000,
             fetch_max_wait_ms=int(w.batch_within_s * 1000),
@@ -147,7 +146,6 @@ class BatchIngest(Service):
             self.on_fatal(f"batch from {first.topic}[{first.partition}] failed", exc)
             raise
         await self._commit(offsets)
-        self.batches += 1
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         """Commit what was stored. A rebalance may have moved a partition away;

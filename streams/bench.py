@@ -141,7 +141,7 @@ async def _sink_vs_copy(dsn: str, rows: list[tuple], batch: int, rounds: int) ->
         # The baseline uses the sink's own COPY format (binary), so the ratio
         # measures idempotence and rollups, not a format choice.
         types = await column_types(conn, "sales", spec.columns)
-        copy_sql = f"COPY sales ({', '.join(spec.columns)}) FROM STDIN (FORMAT BINARY)"
+        copy_sql = spec.copy_sql
         for _ in range(rounds):
             await conn.execute("TRUNCATE sales, rollup_1m, rollup_1h")
             await conn.commit()

@@ -56,6 +56,25 @@ class TableSpec:
         return f"_stage_{self.table}"
 
     @cached_property
+    def copy_sql(self) -> sql.Composed:
+        """Binary COPY into the table: psycopg formats a row in ~2 µs instead
+        of ~3.7 µs for text, and the server skips parsing numerics and times."""
+        return _copy_sql(self.table, self.columns)
+
+    @cached_property
+    def staging_copy_sql(self) -> sql.Composed:
+        return _copy_sql(self.staging, self.columns)
+
+    @cached_property
+    def insert_new_sql(self) -> sql.Composed:
+        """Staging -> table, keeping only rows not stored yet; returns their keys."""
+        cols = sql.SQL(", ").join(map(sql.Identifier, self.columns))
+        return sql.SQL("INSERT INTO {t} ({c}) SELECT {c} FROM {s} ON CONFLICT DO NOTHING RETURNING {k}").format(
+            t=sql.Identifier(self.table), s=sql.Identifier(self.staging), c=cols,
+            k=sql.SQL(", ").join(map(sql.Identifier, self.key)),
+        )
+
+    @cached_property
     def row_key(self) -> Callable[[Sequence[Any]], tuple]:
         """Row tuple -> its key tuple (C-speed getter; always a tuple)."""
         get = itemgetter(*(self.columns.index(k) for k in self.key))
@@ -77,18 +96,8 @@ class WriteResult:
 
 
 def _copy_sql(table: str, columns: tuple[str, ...]) -> sql.Composed:
-    # Binary: psycopg formats a row in ~2 µs instead of ~3.7 µs for text, and
-    # the server skips parsing numerics and timestamps.
     return sql.SQL("COPY {t} ({c}) FROM STDIN (FORMAT BINARY)").format(
         t=sql.Identifier(table), c=sql.SQL(", ").join(map(sql.Identifier, columns))
-    )
-
-
-def _insert_new_sql(spec: TableSpec) -> sql.Composed:
-    cols = sql.SQL(", ").join(map(sql.Identifier, spec.columns))
-    return sql.SQL("INSERT INTO {t} ({c}) SELECT {c} FROM {s} ON CONFLICT DO NOTHING RETURNING {k}").format(
-        t=sql.Identifier(spec.table), s=sql.Identifier(spec.staging), c=cols,
-        k=sql.SQL(", ").join(map(sql.Identifier, spec.key)),
     )
 
 
@@ -215,33 +224,32 @@ class EventSink:
 
     async def _write_once(self, spec: TableSpec, rows, before_commit) -> WriteResult:
         started = time.perf_counter()
-        key = spec.row_key
         async with self.connection() as conn, conn.transaction():
-            new_rows = await self._insert_new(conn, spec, rows, key)
-            new_keys = frozenset(map(key, new_rows))
+            new_rows = await self._insert_new(conn, spec, rows)
+            new_keys = frozenset(map(spec.row_key, new_rows))
             if spec.rollup_fields is not None and new_rows:
                 await upsert_rollups(conn, spec.table, fold(map(spec.rollup_fields, new_rows)))
             if before_commit is not None:
                 await before_commit(conn, new_keys)
         return WriteResult(new_keys, len(rows), time.perf_counter() - started)
 
-    async def _insert_new(self, conn, spec: TableSpec, rows, key) -> list:
+    async def _insert_new(self, conn, spec: TableSpec, rows) -> list:
         """Insert ``rows``; return those that were not stored before (first of each key)."""
         if not rows:
             return []
         try:
             async with conn.transaction():  # savepoint: a conflict undoes only this COPY
-                await self._copy(conn, _copy_sql(spec.table, spec.columns), self._types[spec.table], rows)
+                await self._copy(conn, spec.copy_sql, self._types[spec.table], rows)
             return list(rows)
         except psycopg.errors.UniqueViolation:
             self.fallbacks += 1
             log.info("%s: batch overlaps stored rows (replay); inserting only the new ones", spec.table)
-        await self._copy(conn, _copy_sql(spec.staging, spec.columns), self._types[spec.table], rows)
-        cur = await conn.execute(_insert_new_sql(spec))
+        await self._copy(conn, spec.staging_copy_sql, self._types[spec.table], rows)
+        cur = await conn.execute(spec.insert_new_sql)
         fresh = {tuple(k) for k in await cur.fetchall()}
         new_rows = []
         for r in rows:
-            k = key(r)
+            k = spec.row_key(r)
             if k in fresh:
                 fresh.discard(k)  # a key twice in one batch is stored once
                 new_rows.append(r)
