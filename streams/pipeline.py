@@ -181,8 +181,13 @@ class BatchPipeline:
         rule = self.rule
         assert rule is not None
         ordered = sorted(sales, key=lambda s: (s.ts, s.event_id))
-        async with self.sink.connection() as conn, conn.transaction():
-            await _warm_rule(conn, rule, ordered)
+        firsts: dict[tuple[str, str], datetime] = {}
+        for s in ordered:
+            firsts.setdefault((s.collection, s.currency), s.ts)
+        unseen = {key: first for key, first in firsts.items() if not rule.knows(*key)}
+        if unseen:  # only after a start or for a new collection: most batches skip the round trip
+            async with self.sink.connection() as conn, conn.transaction():
+                await _warm_rule(conn, rule, unseen)
         return [a for s in ordered if (a := rule.observe(s))]
 
 
@@ -199,14 +204,11 @@ async def _insert_alerts(conn: psycopg.AsyncConnection, alerts: list[Alert]) -> 
         )
 
 
-async def _warm_rule(conn: psycopg.AsyncConnection, rule: SaleOutlierRule, ordered: list[Sale]) -> None:
-    """Load each unseen (collection, currency) window from the database, up to the batch's first sale."""
-    firsts: dict[tuple[str, str], datetime] = {}
-    for s in ordered:
-        firsts.setdefault((s.collection, s.currency), s.ts)
+async def _warm_rule(
+    conn: psycopg.AsyncConnection, rule: SaleOutlierRule, firsts: dict[tuple[str, str], datetime]
+) -> None:
+    """Load each (collection, currency) window from the database, up to the batch's first sale of it."""
     for (collection, currency), first in firsts.items():
-        if rule.knows(collection, currency):
-            continue
         cur = await conn.execute(
             "SELECT ts, event_id, price FROM sales WHERE collection = %s AND currency = %s"
             " AND ts >= %s AND ts < %s ORDER BY ts",

@@ -2,7 +2,7 @@
 
 State is a time-ordered window of recent sales per (collection, currency).
 It lives in process memory for speed but is rebuilt from the database the
-first time a key is seen after a start (see ``streams.agents.ingest``), so a
+first time a key is seen after a start (see ``streams.pipeline``), so a
 restart neither forgets history nor double-counts it (the window is keyed by
 event id).
 """

@@ -1,0 +1,145 @@
+"""streams.pipeline.BatchPipeline driven directly, on the real database and broker.
+
+The worker tests (test_ingest) cover the pipeline through Faust; these reach
+the paths a worker run cannot force on cue: a connection lost inside the
+transaction after the alerts were written, and a rule that starts cold and
+must learn its window from the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import msgspec
+import psycopg
+import pytest
+from aiokafka import AIOKafkaProducer
+from prometheus_client import CollectorRegistry
+
+from alerts.alert import Alert
+from alerts.kinds.sale_outlier import SaleOutlierRule
+from infra.db.sink import EventSink
+from infra.metrics import build_metrics
+from infra.settings import Settings, TopicNames
+from streams.pipeline import BatchPipeline, IncomingMessage
+from streams.records import Sale
+from streams.replay.publisher import ensure_topics
+from streams.storage import TABLE_SPECS
+from tests.integration.test_ingest import _read_topic
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime(2021, 3, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def _sale(collection: str, i: int, price: str) -> Sale:
+    return Sale(event_id=f"{collection}-{i}", ts=T0 + timedelta(hours=i), collection=collection,
+                item_id=str(i), buyer="0xb", seller="0xs", price=Decimal(price), currency="ETH",
+                synthetic=True, source="test-pipeline")
+
+
+def _messages(topic: str, sales: list[Sale], first_offset: int = 0) -> list[IncomingMessage]:
+    return [IncomingMessage(topic, 0, first_offset + i, s.ts.timestamp(), s.item_id.encode(), msgspec.json.encode(s))
+            for i, s in enumerate(sales)]
+
+
+@asynccontextmanager
+async def _pipeline(settings: Settings, dsn: str):
+    """A sales pipeline with its own sink, rule, metrics and a real producer."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.broker_url, acks="all")
+    await producer.start()
+
+    async def publish(topic, key, value, headers):
+        return await producer.send(topic, value, key=key, headers=list(headers))
+
+    metrics = build_metrics(CollectorRegistry())
+    retries: list[BaseException] = []
+    sink = EventSink(dsn, [TABLE_SPECS["sales"]], retry_max_s=10, on_retry=retries.append)
+    rule = SaleOutlierRule(multiple=3.0, window=timedelta(days=7), min_history=5)
+    try:
+        yield BatchPipeline("sales", settings, sink, metrics, publish, rule=rule), retries
+    finally:
+        await sink.close()
+        await producer.stop()
+
+
+@pytest.fixture
+def settings(broker, any_dsn) -> Settings:
+    run = uuid.uuid4().hex[:8]
+    names = {k: f"test-pipe-{k}-{run}" for k in ("listings", "bids", "sales", "images", "alerts", "deadletter")}
+    s = Settings(broker_url=broker, database_url=any_dsn[0], topics=TopicNames(**names))
+    ensure_topics(broker, s.topics, 1, include_outputs=True)
+    return s
+
+
+def _alert_rows(dsn: str, collection: str) -> list[tuple]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(
+            "SELECT alert_id, published_at IS NOT NULL, evidence FROM alerts WHERE collection = %s", (collection,)
+        ).fetchall()
+
+
+async def test_a_connection_lost_after_the_alerts_were_written_keeps_them(settings, any_dsn) -> None:
+    """The backend dies inside the batch's transaction, right after its alert
+    row went in: the retried transaction must store the events and the alert
+    once, and the alert must reach the topic once."""
+    dsn = any_dsn[0]
+    collection = f"pipe-kill-{uuid.uuid4().hex[:8]}"
+    sales = [_sale(collection, i, "1") for i in range(6)] + [_sale(collection, 6, "10")]
+    seq, fn = f"kill_{collection}".replace("-", "_"), f"kill_fn_{collection}".replace("-", "_")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # A sequence, not a table: nextval survives the rollback, so only the first attempt dies.
+        conn.execute(f"CREATE SEQUENCE {seq}")
+        conn.execute(
+            f"CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            f" IF NEW.collection = '{collection}' AND nextval('{seq}') = 1 THEN"
+            "   PERFORM pg_terminate_backend(pg_backend_pid()); END IF; RETURN NULL; END $$"
+        )
+        conn.execute(f"CREATE TRIGGER {fn} AFTER INSERT ON alerts FOR EACH ROW EXECUTE FUNCTION {fn}()")
+    try:
+        async with _pipeline(settings, dsn) as (pipeline, retries):
+            out = await pipeline.process(_messages(settings.topics.sales, sales))
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP TRIGGER {fn} ON alerts")
+            conn.execute(f"DROP FUNCTION {fn}()")
+            conn.execute(f"DROP SEQUENCE {seq}")
+
+    assert len(retries) == 1 and isinstance(retries[0], psycopg.OperationalError), retries
+    assert (out.received, out.stored, out.duplicates) == (7, 7, 0)
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM sales WHERE collection = %s", (collection,)).fetchone()[0] == 7
+        assert conn.execute(
+            "SELECT sum(n) FROM rollup_1h WHERE collection = %s", (collection,)
+        ).fetchone()[0] == 7
+    rows = _alert_rows(dsn, collection)
+    assert len(rows) == 1 and rows[0][1], rows
+    assert rows[0][2]["event_id"] == f"{collection}-6"
+    assert [a.alert_id for a in out.alerts] == [rows[0][0]]
+    read = await asyncio.to_thread(_read_topic, settings.broker_url, settings.topics.alerts)
+    on_topic = [msgspec.json.decode(r.value, type=Alert) for recs in read.values() for r in recs]
+    assert [a.alert_id for a in on_topic] == [rows[0][0]]
+
+
+async def test_a_cold_rule_learns_its_window_from_the_database(settings, any_dsn) -> None:
+    """A restarted worker (fresh rule memory) judges a sale against the history
+    the previous one stored."""
+    dsn = any_dsn[0]
+    collection = f"pipe-warm-{uuid.uuid4().hex[:8]}"
+    history = [_sale(collection, i, "2") for i in range(6)]
+    async with _pipeline(settings, dsn) as (first, _):
+        out = await first.process(_messages(settings.topics.sales, history))
+    assert (out.stored, out.alerts) == (6, [])
+
+    async with _pipeline(settings, dsn) as (second, _):
+        assert not second.rule.knows(collection, "ETH")
+        out = await second.process(_messages(settings.topics.sales, [_sale(collection, 6, "7")], first_offset=6))
+        assert second.rule.knows(collection, "ETH")
+    assert out.stored == 1 and len(out.alerts) == 1
+    evidence = out.alerts[0].evidence
+    assert (Decimal(evidence["median"]), evidence["window_sales"], evidence["ratio"]) == (2, 6, "3.5")
+    assert [r[0] for r in _alert_rows(dsn, collection)] == [out.alerts[0].alert_id]
