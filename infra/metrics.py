@@ -107,6 +107,7 @@ class Metrics:
     assigned_partitions: Gauge
     last_commit: Gauge
     alerts_emitted: Counter
+    late_sales: Counter
 
 
 def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -179,5 +180,11 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         ),
         alerts_emitted=Counter(
             "artwatch_alerts_emitted", "Alerts stored and published.", ["kind"], registry=r
+        ),
+        late_sales=Counter(
+            "artwatch_alerts_late_sales",
+            "Sales a rule scored after it had learnt a later sale of the same collection and currency"
+            " (out of event-time order across batches or partitions).",
+            ["kind"], registry=r,
         ),
     )

@@ -22,7 +22,7 @@ import numpy as np
 import psycopg
 
 from alerts.alert import Alert
-from alerts.kinds.sale_outlier import SaleOutlierRule
+from alerts.kinds.sale_outlier import KIND, SaleOutlierRule
 from infra.db.sink import EventSink
 from infra.metrics import Metrics
 from infra.settings import Settings
@@ -188,7 +188,10 @@ class BatchPipeline:
         if unseen:  # only after a start or for a new collection: most batches skip the round trip
             async with self.sink.connection() as conn, conn.transaction():
                 await _warm_rule(conn, rule, unseen)
-        return [a for s in ordered if (a := rule.observe(s))]
+        late_before = rule.late_sales
+        alerts = [a for s in ordered if (a := rule.observe(s))]
+        self.metrics.late_sales.labels(kind=KIND).inc(rule.late_sales - late_before)
+        return alerts
 
 
 async def _insert_alerts(conn: psycopg.AsyncConnection, alerts: list[Alert]) -> None:

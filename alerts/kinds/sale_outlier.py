@@ -5,6 +5,13 @@ It lives in process memory for speed but is rebuilt from the database the
 first time a key is seen after a start (see ``streams.pipeline``), so a
 restart neither forgets history nor double-counts it (the window is keyed by
 event id).
+
+Each batch is scored in event-time order, but a sale that arrives after a
+later one of its key was learnt (partitions drifting apart, a lagging
+replay) is scored against the window as it stands: its median then includes
+sales from after it. Such sales are counted (``late_sales``, the metric
+``artwatch_alerts_late_sales_total``) and their alerts say by how much
+(``evidence["late_by_s"]``), rather than paying for an exact as-of median.
 """
 
 from __future__ import annotations
@@ -110,6 +117,9 @@ class SaleOutlierRule:
         self._window_s = window.total_seconds()
         self.min_history = min_history
         self._windows: dict[tuple[str, str], _Window] = {}
+        # Sales scored after a later sale of their key was learnt (cross-partition
+        # skew, a lagging replay): their median includes sales from after them.
+        self.late_sales = 0
 
     def knows(self, collection: str, currency: str) -> bool:
         return (collection, currency) in self._windows
@@ -127,8 +137,12 @@ class SaleOutlierRule:
             w = self._windows[(sale.collection, sale.currency)] = _Window()
         t = sale.ts.timestamp()
         w.expire(t - self._window_s)
+        seen = sale.event_id in w.ids  # a redelivery: neither scored nor late
+        late_by = w.times[-1] - t if not seen and w.times and t < w.times[-1] else 0.0
+        if late_by:
+            self.late_sales += 1
         alert = None
-        if len(w.prices) >= self.min_history and sale.event_id not in w.ids:
+        if len(w.prices) >= self.min_history and not seen:
             median = w.median()
             if median > 0 and sale.price >= self.multiple * median:
                 ratio = (sale.price / median).quantize(Decimal("0.01")).normalize()
@@ -147,6 +161,8 @@ class SaleOutlierRule:
                         "ratio": format(ratio, "f"),
                         "window_sales": len(w.prices),
                         "window_days": self.window.total_seconds() / 86400,
+                        # > 0: scored against a window that already held later sales.
+                        "late_by_s": round(late_by, 3),
                     },
                     synthetic=sale.synthetic,
                 )

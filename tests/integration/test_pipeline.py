@@ -143,3 +143,16 @@ async def test_a_cold_rule_learns_its_window_from_the_database(settings, any_dsn
     evidence = out.alerts[0].evidence
     assert (Decimal(evidence["median"]), evidence["window_sales"], evidence["ratio"]) == (2, 6, "3.5")
     assert [r[0] for r in _alert_rows(dsn, collection)] == [out.alerts[0].alert_id]
+
+
+async def test_a_sale_older_than_one_already_scored_is_counted_late(settings, any_dsn) -> None:
+    collection = f"pipe-late-{uuid.uuid4().hex[:8]}"
+    topic = settings.topics.sales
+    async with _pipeline(settings, any_dsn[0]) as (pipeline, _):
+        await pipeline.process(_messages(topic, [_sale(collection, i, "1") for i in (0, 1, 2, 3, 4, 9)]))
+        # hour 6 arrives after hour 9 was learnt (another partition lagging)
+        out = await pipeline.process(_messages(topic, [_sale(collection, 6, "5")], first_offset=6))
+        late = pipeline.metrics.registry.get_sample_value("artwatch_alerts_late_sales_total", {"kind": "sale_outlier"})
+    assert late == 1
+    assert out.stored == 1 and len(out.alerts) == 1
+    assert out.alerts[0].evidence["late_by_s"] == 3 * 3600

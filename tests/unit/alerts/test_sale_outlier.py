@@ -194,6 +194,20 @@ def test_out_of_order_sales_expire_by_their_own_time():
     assert (ev["window_sales"], ev["median"]) == (2, "15")
 
 
+def test_late_sales_are_counted_and_their_alerts_say_how_late():
+    rule = SaleOutlierRule(multiple=3, window=WEEK, min_history=3)
+    feed(rule, ["10"] * 3)  # hours 0, 1, 2
+    assert rule.late_sales == 0
+    late = rule.observe(sale("late", T0 + timedelta(minutes=90), 100))
+    assert rule.late_sales == 1
+    assert late is not None and late.evidence["late_by_s"] == 1800
+    # a redelivery is neither scored nor late; an in-order sale is not late
+    assert rule.observe(sale("h0", T0, "10")) is None
+    on_time = rule.observe(sale("next", T0 + timedelta(hours=3), 100))
+    assert rule.late_sales == 1
+    assert on_time is not None and on_time.evidence["late_by_s"] == 0
+
+
 def test_median_matches_reference_over_a_random_stream():
     """Every decision equals a brute-force recomputation over the same window."""
     rng = random.Random(2024)
@@ -294,6 +308,7 @@ def test_alert_fields_and_deterministic_id():
     assert alert.evidence["currency"] == "ETH"
     assert alert.evidence["ratio"] == "4.5"
     assert alert.evidence["window_days"] == 7
+    assert alert.evidence["late_by_s"] == 0
 
 
 def test_same_evidence_same_id_across_rule_instances():
