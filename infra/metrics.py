@@ -30,6 +30,7 @@ class _BulkChild:
 
     def observe_many(self, values) -> None:
         arr = np.asarray(values, dtype=np.float64)
+        arr = arr[~np.isnan(arr)]  # a NaN would poison _sum forever; it has no bucket either
         if arr.size == 0:
             return
         hits = np.bincount(np.searchsorted(self.bounds, arr, side="left"), minlength=len(self.counts))

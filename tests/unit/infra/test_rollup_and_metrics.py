@@ -349,3 +349,13 @@ def test_bulk_histogram_exposition_parses_as_a_histogram():
     assert m.registry.get_sample_value(
         "artwatch_streams_event_to_stored_seconds_bucket", {"topic": "sales", "le": "0.25"}
     ) == 3
+
+
+def test_bulk_histogram_drops_nan_instead_of_poisoning_the_sum():
+    r = CollectorRegistry()
+    bulk = BulkHistogram("artwatch_n_seconds", "N.", [], (1.0,), r)
+    bulk.labels().observe_many([0.5, math.nan, 2.0])
+    bulk.labels().observe(math.nan)
+    assert r.get_sample_value("artwatch_n_seconds_count", {}) == 2
+    assert r.get_sample_value("artwatch_n_seconds_bucket", {"le": "+Inf"}) == 2
+    assert r.get_sample_value("artwatch_n_seconds_sum", {}) == 2.5
