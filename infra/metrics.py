@@ -184,8 +184,8 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         ),
         late_sales=Counter(
             "artwatch_alerts_late_sales",
-            "Sales a rule scored after it had learnt a later sale of the same collection and currency"
-            " (out of event-time order across batches or partitions).",
+            "Sales a rule scored more than its grace period after a later sale of the same collection"
+            " and currency (out of event-time order across batches or partitions).",
             ["kind"], registry=r,
         ),
     )

@@ -59,6 +59,9 @@ class AlertRuleSettings(_Section):
     outlier_multiple: float = Field(3.0, gt=1)
     outlier_window_days: float = Field(7.0, gt=0)
     outlier_min_history: int = Field(5, ge=1)
+    # Sales up to this far behind the newest scored one of their collection
+    # count as on time (partitions drift apart by a batch or two).
+    outlier_late_grace_s: float = Field(60.0, ge=0)
 
 
 class Settings(BaseSettings):

@@ -90,6 +90,7 @@ def create_app(settings: Settings, metrics: Optional[Metrics] = None) -> faust.A
         multiple=settings.rules.outlier_multiple,
         window=timedelta(days=settings.rules.outlier_window_days),
         min_history=settings.rules.outlier_min_history,
+        late_grace=timedelta(seconds=settings.rules.outlier_late_grace_s),
     )
 
     def pipeline(kind: str) -> BatchPipeline:

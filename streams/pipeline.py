@@ -190,7 +190,10 @@ class BatchPipeline:
                 await _warm_rule(conn, rule, unseen)
         late_before = rule.late_sales
         alerts = [a for s in ordered if (a := rule.observe(s))]
-        self.metrics.late_sales.labels(kind=KIND).inc(rule.late_sales - late_before)
+        if late := rule.late_sales - late_before:
+            self.metrics.late_sales.labels(kind=KIND).inc(late)
+            log.info("%d of %d sales arrived later than the rule's grace period; scored against the window as it"
+                     " stands (see late_by_s in their alerts)", late, len(ordered))
         return alerts
 
 

@@ -9,9 +9,10 @@ event id).
 Each batch is scored in event-time order, but a sale that arrives after a
 later one of its key was learnt (partitions drifting apart, a lagging
 replay) is scored against the window as it stands: its median then includes
-sales from after it. Such sales are counted (``late_sales``, the metric
-``artwatch_alerts_late_sales_total``) and their alerts say by how much
-(``evidence["late_by_s"]``), rather than paying for an exact as-of median.
+sales from after it. Its alert says by how much (``evidence["late_by_s"]``),
+and beyond ``late_grace`` the sale is counted (``late_sales``, the metric
+``artwatch_alerts_late_sales_total``, a log line per batch) rather than
+paying for an exact as-of median.
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ class SaleOutlierRule:
         Trailing window of event time the median is taken over.
     min_history
         Sales the window must hold before the rule speaks.
+    late_grace
+        How far behind the newest sale of its key a sale may arrive and still
+        count as on time (it is scored and learnt either way).
 
     Examples
     --------
@@ -107,19 +111,26 @@ class SaleOutlierRule:
     True
     """
 
-    def __init__(self, multiple: float = 3.0, window: timedelta = timedelta(days=7), min_history: int = 5) -> None:
+    def __init__(
+        self,
+        multiple: float = 3.0,
+        window: timedelta = timedelta(days=7),
+        min_history: int = 5,
+        late_grace: timedelta = timedelta(seconds=60),
+    ) -> None:
         if multiple <= 1:
             raise ValueError(f"multiple must be > 1, got {multiple}")
         if min_history < 1:
             raise ValueError(f"min_history must be >= 1, got {min_history}")
+        if late_grace < timedelta(0):
+            raise ValueError(f"late_grace must not be negative, got {late_grace}")
         self.multiple = Decimal(str(multiple))
         self.window = window
         self._window_s = window.total_seconds()
         self.min_history = min_history
         self._windows: dict[tuple[str, str], _Window] = {}
-        # Sales scored after a later sale of their key was learnt (cross-partition
-        # skew, a lagging replay): their median includes sales from after them.
-        self.late_sales = 0
+        self._grace_s = late_grace.total_seconds()
+        self.late_sales = 0  # sales more than late_grace behind the newest of their key
 
     def knows(self, collection: str, currency: str) -> bool:
         return (collection, currency) in self._windows
@@ -139,7 +150,7 @@ class SaleOutlierRule:
         w.expire(t - self._window_s)
         seen = sale.event_id in w.ids  # a redelivery: neither scored nor late
         late_by = w.times[-1] - t if not seen and w.times and t < w.times[-1] else 0.0
-        if late_by:
+        if late_by > self._grace_s:
             self.late_sales += 1
         alert = None
         if len(w.prices) >= self.min_history and not seen:

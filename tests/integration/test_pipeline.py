@@ -9,6 +9,7 @@ must learn its window from the database.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
@@ -145,7 +146,8 @@ async def test_a_cold_rule_learns_its_window_from_the_database(settings, any_dsn
     assert [r[0] for r in _alert_rows(dsn, collection)] == [out.alerts[0].alert_id]
 
 
-async def test_a_sale_older_than_one_already_scored_is_counted_late(settings, any_dsn) -> None:
+async def test_a_sale_older_than_one_already_scored_is_counted_late(settings, any_dsn, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="streams.pipeline")
     collection = f"pipe-late-{uuid.uuid4().hex[:8]}"
     topic = settings.topics.sales
     async with _pipeline(settings, any_dsn[0]) as (pipeline, _):
@@ -154,5 +156,6 @@ async def test_a_sale_older_than_one_already_scored_is_counted_late(settings, an
         out = await pipeline.process(_messages(topic, [_sale(collection, 6, "5")], first_offset=6))
         late = pipeline.metrics.registry.get_sample_value("artwatch_alerts_late_sales_total", {"kind": "sale_outlier"})
     assert late == 1
+    assert "1 of 1 sales arrived later than the rule's grace period" in caplog.text
     assert out.stored == 1 and len(out.alerts) == 1
     assert out.alerts[0].evidence["late_by_s"] == 3 * 3600

@@ -51,6 +51,11 @@ def test_rejects_min_history_below_one(min_history):
         SaleOutlierRule(min_history=min_history)
 
 
+def test_rejects_a_negative_late_grace():
+    with pytest.raises(ValueError, match="late_grace"):
+        SaleOutlierRule(late_grace=timedelta(seconds=-1))
+
+
 def test_accepts_smallest_valid_parameters():
     rule = SaleOutlierRule(multiple=1.01, window=WEEK, min_history=1)
     assert rule.observe(sale("a", T0, 100)) is None
@@ -195,9 +200,11 @@ def test_out_of_order_sales_expire_by_their_own_time():
 
 
 def test_late_sales_are_counted_and_their_alerts_say_how_late():
-    rule = SaleOutlierRule(multiple=3, window=WEEK, min_history=3)
+    rule = SaleOutlierRule(multiple=3, window=WEEK, min_history=3, late_grace=timedelta(minutes=20))
     feed(rule, ["10"] * 3)  # hours 0, 1, 2
     assert rule.late_sales == 0
+    within_grace = rule.observe(sale("slightly", T0 + timedelta(minutes=100), 100))
+    assert rule.late_sales == 0 and within_grace.evidence["late_by_s"] == 1200
     late = rule.observe(sale("late", T0 + timedelta(minutes=90), 100))
     assert rule.late_sales == 1
     assert late is not None and late.evidence["late_by_s"] == 1800

@@ -41,6 +41,7 @@ def test_defaults():
     assert s.rules.outlier_multiple == 3.0
     assert s.rules.outlier_window_days == 7.0
     assert s.rules.outlier_min_history == 5
+    assert s.rules.outlier_late_grace_s == 60.0
     # no database given: the embedded server's DSN
     assert s.dsn() == "postgresql://postgres@127.0.0.1:54329/postgres"
     assert s.stack_dir == Path("var") / "stack"
@@ -121,6 +122,7 @@ def test_invalid_value_from_the_environment_is_rejected(monkeypatch):
         ({"validation": {"max_future_skew_s": -1}}, "max_future_skew_s"),
         ({"rules": {"outlier_multiple": 1.0}}, "outlier_multiple"),
         ({"rules": {"outlier_min_history": 0}}, "outlier_min_history"),
+        ({"rules": {"outlier_late_grace_s": -1}}, "outlier_late_grace_s"),
         ({"embedded_pg_port": 0}, "embedded_pg_port"),
     ],
 )
