@@ -111,6 +111,7 @@ ROLES: dict[str, dict[str, tuple]] = {
     "test_sigkill_mid_stream_loses_and_duplicates_nothing": {
         engine: ("fresh", "on", {"engine": engine}) for engine in KILL_EVENTS
     },
+    "test_a_second_worker_joining_mid_stream_shares_the_work_exactly_once": {"first": ("fresh", "on", {})},
     "test_malformed_messages_are_deadlettered_and_the_stream_goes_on": {
         "main": ("timescale", "on", {"validation": {"max_message_bytes": DL_LIMIT}}),
     },
@@ -279,6 +280,43 @@ def _rollup_totals(conn: psycopg.Connection, table: str, collections: list[str])
     return {kind: (n, vol) for kind, n, vol in rows}
 
 
+def _send_sentinels(settings: Settings, run_id: str) -> tuple[str, int]:
+    """One sale per partition behind everything else produced so far; once all
+    are stored, every partition was read to its end. Returns their collection
+    and count."""
+    collection = f"sentinel-{run_id}"
+    partitions = settings.worker.partitions
+    for p, s in enumerate(bench_sales(partitions, seed=99)):
+        sentinel = msgspec.structs.replace(s, event_id=f"sentinel-{run_id}-{p}", collection=collection)
+        _produce(settings.broker_url, settings.topics.sales, _encoded([sentinel]), partition=p)
+    return collection, partitions
+
+
+def _wait_sentinels(dsn: str, workers: list[WorkerProcess], collection: str, n: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while conn.execute("SELECT count(*) FROM sales WHERE collection = %s", (collection,)).fetchone()[0] < n:
+            for w in workers:
+                if not w.alive() or time.monotonic() > deadline:
+                    pytest.fail(f"{w.log_path.stem} did not read every partition to its end:\n{_log_tail(w)}")
+            time.sleep(0.2)
+
+
+def _assert_stored_once(dsn: str, sales: list[Sale], what: str) -> None:
+    """Every sale stored exactly once and the rollups equal to the stored rows."""
+    ids = {s.event_id for s in sales}
+    with psycopg.connect(dsn) as conn:
+        counts = dict(conn.execute("SELECT event_id, count(*) FROM sales WHERE event_id = ANY(%s) GROUP BY event_id",
+                                   (sorted(ids),)).fetchall())
+        assert len(counts) == len(ids), f"{what}: missing {sorted(ids - set(counts))[:5]}"
+        assert set(counts.values()) == {1}, f"{what}: stored twice"
+        volume = conn.execute("SELECT sum(price) FROM sales WHERE event_id = ANY(%s)", (sorted(ids),)).fetchone()[0]
+        colls = sorted({s.collection for s in sales})
+        for table in ("rollup_1m", "rollup_1h"):
+            totals = _rollup_totals(conn, table, colls)
+            assert totals == {"sales": (len(ids), volume)}, f"{what} {table}: {totals} != {len(ids)} rows / {volume}"
+
+
 # -- 1. exactly once on both storage paths ----------------------------------
 
 
@@ -410,46 +448,76 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(fleet: Fleet, request, 
     try:
         for w in second.values():
             _ready(w, timeout=200)
-        # A sentinel per partition behind everything else: once all are stored, every
-        # partition was read to its end (stored or dropped as duplicate, rollups folded).
-        partitions = settings["batch"].worker.partitions
-        sentinels = [
-            msgspec.structs.replace(s, event_id=f"sentinel-{run_id}-{p}", collection=f"sentinel-{run_id}")
-            for p, s in enumerate(bench_sales(partitions, seed=99))
-        ]
-        for s in settings.values():
-            for p, sentinel in enumerate(sentinels):
-                _produce(s.broker_url, s.topics.sales, _encoded([sentinel]), partition=p)
-        deadline = time.monotonic() + 120
+        # Stored or dropped as duplicate, rollups folded: up to each partition's end.
+        sentinels = {engine: _send_sentinels(s, run_id) for engine, s in settings.items()}
         for engine, w in second.items():
-            with psycopg.connect(settings[engine].dsn(), autocommit=True) as conn:
-                while conn.execute("SELECT count(*) FROM sales WHERE collection = %s",
-                                   (f"sentinel-{run_id}",)).fetchone()[0] < len(sentinels):
-                    if not w.alive() or time.monotonic() > deadline:
-                        pytest.fail(f"the restarted {engine} worker did not catch up:\n{_log_tail(w)}")
-                    time.sleep(0.2)
+            _wait_sentinels(settings[engine].dsn(), [w], *sentinels[engine])
         after = {engine: w.metrics() for engine, w in second.items()}
     finally:
         for w in second.values():
             w.stop()
 
     for engine, n in KILL_EVENTS.items():
-        ids = {s.event_id for s in sales[engine]}
-        with psycopg.connect(settings[engine].dsn()) as conn:
-            counts = dict(conn.execute("SELECT event_id, count(*) FROM sales WHERE event_id LIKE %s GROUP BY event_id",
-                                       (f"{prefix[engine]}-%",)).fetchall())
-            assert len(counts) == n and set(counts) == ids, f"{engine}: missing {sorted(ids - set(counts))[:5]}"
-            assert set(counts.values()) == {1}, f"{engine}: stored twice"
-            volume = conn.execute("SELECT sum(price) FROM sales WHERE event_id LIKE %s",
-                                  (f"{prefix[engine]}-%",)).fetchone()[0]
-            colls = sorted({s.collection for s in sales[engine]})
-            for table in ("rollup_1m", "rollup_1h"):
-                totals = _rollup_totals(conn, table, colls)
-                assert totals == {"sales": (n, volume)}, f"{engine} {table}: {totals} != {n} rows / {volume}"
+        _assert_stored_once(settings[engine].dsn(), sales[engine], engine)
         m = after[engine]
         assert m.get("deadletter_total", 0) == 0
         # Whatever the dead worker had stored but not committed was re-read and dropped, not stored again.
-        assert m["events_stored_total"] == n - at_kill[engine] + len(sentinels), (engine, m, at_kill[engine])
+        assert m["events_stored_total"] == n - at_kill[engine] + sentinels[engine][1], (engine, m, at_kill[engine])
+
+
+# -- 2b. scaling out: a second worker joins mid-stream --------------------------
+
+SCALE_EVENTS = 40_000
+
+
+def test_a_second_worker_joining_mid_stream_shares_the_work_exactly_once(
+    fleet: Fleet, request, run_id, tmp_path: Path
+) -> None:
+    """Users outgrow one worker by adding workers, not code: a second worker in
+    the same group takes over partitions while the first is busy, offsets of
+    revoked partitions are not committed past unstored rows, and every event is
+    stored once."""
+    first = fleet.worker(request, "first")
+    settings = first.settings
+    ports = {"metrics_port": free_port(), "web_port": free_port()}
+    twin = settings.model_copy(update={"worker": settings.worker.model_copy(update=ports)})
+    sales = _sales(f"scale-{run_id}", SCALE_EVENTS, collections=40, seed=8)
+    items = _encoded(sales)
+    chunks = [items[i:i + 500] for i in range(0, len(items), 500)]
+
+    def trickle() -> None:  # ~20 s of traffic, so the rebalance happens mid-stream
+        for chunk in chunks:
+            _produce(settings.broker_url, settings.topics.sales, chunk)
+            time.sleep(0.25)
+
+    producer = threading.Thread(target=trickle)
+    producer.start()
+    second = fleet.launch(twin, tmp_path / "second.log")
+    try:
+        _ready(second, timeout=120)
+        # Both hold input partitions (4 topics x 4 partitions between them) while events still flow.
+        def both() -> list[float]:
+            return [w.metrics().get("assigned_partitions", 0) for w in (first, second)]
+
+        deadline = time.monotonic() + 90
+        while not (all(both()) and sum(both()) == 4 * settings.worker.partitions):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the group never split its partitions: {both()}\n{_log_tail(second)}")
+            time.sleep(0.2)
+        split_while_producing = producer.is_alive()
+        producer.join()
+        sentinels = _send_sentinels(settings, run_id)
+        _wait_sentinels(settings.dsn(), [first, second], *sentinels)
+        m1, m2 = first.metrics(), second.metrics()
+    finally:
+        producer.join()
+        second.stop()
+    assert split_while_producing, "the second worker joined only after the traffic ended; slow the trickle"
+    _assert_stored_once(settings.dsn(), sales, "two workers")
+    assert m1.get("events_stored_total", 0) > 0 and m2.get("events_stored_total", 0) > 0, (m1, m2)
+    # Each row was counted new by exactly one of them; a rebalance may only add duplicates.
+    assert m1["events_stored_total"] + m2["events_stored_total"] == SCALE_EVENTS + sentinels[1]
+    assert m1.get("deadletter_total", 0) == m2.get("deadletter_total", 0) == 0
 
 
 # -- 3. dead letters -----------------------------------------------------------
