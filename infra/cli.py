@@ -88,7 +88,7 @@ def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     from streams.bench import bench_ingest
 
-    result = bench_ingest(settings, events=args.events, rounds=args.rounds)
+    result = bench_ingest(settings, events=args.events, rounds=args.rounds, workers=args.workers)
     if args.json:
         print(json.dumps(result))
     else:
@@ -137,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     b = bsub.add_parser("ingest", help="pipeline vs raw consume, idempotent sink vs plain COPY")
     b.add_argument("--events", type=int, default=100_000)
     b.add_argument("--rounds", type=int, default=2, help="sink/COPY rounds; the best of each is reported")
+    b.add_argument("--workers", type=int, default=1, help="worker processes in one consumer group")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=_cmd_bench)
     return p

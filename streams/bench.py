@@ -1,8 +1,9 @@
 """``artwatch bench ingest``: the worker end to end against same-run baselines.
 
-pipeline_eps     first produce -> last row committed, through a worker child
-                 process (validate, store, roll up, alert rule), after one
-                 warm-up event has gone through.
+pipeline_eps     first produce -> last row committed, through worker child
+                 processes (validate, store, roll up, alert rule), after one
+                 warm-up event has gone through. One worker by default;
+                 ``workers=N`` runs N in one consumer group.
 raw_consume_eps  a plain aiokafka consumer reading the same topic, no work.
 sink_rows_per_s  the idempotent sink alone on the same rows and batch size.
 raw_copy_rows_per_s  plain COPY of the same rows into the same table.
@@ -165,10 +166,12 @@ async def _sink_vs_copy(dsn: str, rows: list[tuple], batch: int, rounds: int) ->
     return best_sink, best_copy
 
 
-def bench_ingest(settings: Settings, events: int = 100_000, rounds: int = 2) -> dict:
+def bench_ingest(settings: Settings, events: int = 100_000, rounds: int = 2, workers: int = 1) -> dict:
     """Run the ingest benchmark; returns the figures (see module docstring)."""
     if events < 1:
         raise ArtwatchError("--events must be >= 1")
+    if workers < 1:
+        raise ArtwatchError("--workers must be >= 1")
     from streams.replay.publisher import ensure_topics
 
     stack = Stack(settings)
@@ -182,15 +185,17 @@ def bench_ingest(settings: Settings, events: int = 100_000, rounds: int = 2) -> 
     dsn = _with_schema(base_dsn, schema)
     names = {k: f"bench-{k}-{run}" for k in ("listings", "bids", "sales", "images", "alerts", "deadletter")}
     bench = settings.model_copy(
-        update={
-            "app_id": f"artwatch-bench-{run}",
-            "database_url": SecretStr(dsn),
-            "topics": TopicNames(**names),
-            "worker": settings.worker.model_copy(update={"metrics_port": _free_port(), "web_port": _free_port()}),
-        }
+        update={"app_id": f"artwatch-bench-{run}", "database_url": SecretStr(dsn), "topics": TopicNames(**names)}
     )
     logdir = Path(tempfile.mkdtemp(prefix="artwatch-bench-"))
-    worker = WorkerProcess(bench, logdir / "worker.log")
+    fleet = [
+        WorkerProcess(
+            bench.model_copy(update={"worker": bench.worker.model_copy(
+                update={"metrics_port": _free_port(), "web_port": _free_port()})}),
+            logdir / f"worker-{i}.log",
+        )
+        for i in range(workers)
+    ]
     try:
         with psycopg.connect(base_dsn, autocommit=True) as conn:
             conn.execute(f'CREATE SCHEMA "{schema}"')
@@ -198,10 +203,13 @@ def bench_ingest(settings: Settings, events: int = 100_000, rounds: int = 2) -> 
         ensure_topics(settings.broker_url, bench.topics, settings.worker.partitions, include_outputs=True)
         sales = bench_sales(events + 1)
         items = [(s.item_id.encode(), msgspec.json.encode(s)) for s in sales]
-        log.info("bench: %d events, worker log %s", events, worker.log_path)
-        worker.start().wait_ready()
+        log.info("bench: %d events, %d worker(s), logs in %s", events, workers, logdir)
+        for w in fleet:
+            w.start()
+        for w in fleet:  # the last to own partitions closes the group's rebalance
+            w.wait_ready()
         _produce(settings.broker_url, names["sales"], items[:1])  # warm-up: connection, chunk, caches
-        _wait_stored(worker, 1, timeout=60)
+        _wait_stored(fleet, 1, timeout=60)  # warm-up
 
         produced: dict[str, float] = {}
 
@@ -214,19 +222,22 @@ def bench_ingest(settings: Settings, events: int = 100_000, rounds: int = 2) -> 
         producer.start()
         # The end mark is the worker's own last-commit time, so polling can be
         # slow (scrapes cost the worker CPU) without blurring the figure.
-        pipeline_s = _wait_stored(worker, events + 1, timeout=max(120, events / 1000)) - wall0
+        last_commit, per_worker = _wait_stored(fleet, events + 1, timeout=max(120, events / 1000))
+        pipeline_s = last_commit - wall0
         producer.join()
         with psycopg.connect(dsn) as conn:
             stored = conn.execute("SELECT count(*) FROM sales").fetchone()[0]
         if stored != events + 1:
             raise ArtwatchError(f"bench: {stored} rows stored for {events + 1} events")
-        worker.stop()
+        for w in fleet:
+            w.stop()
 
         raw_eps = asyncio.run(_raw_consume(settings.broker_url, names["sales"], events + 1))
         rows = [row_builder("sales")(s) for s in sales]
         sink_rps, copy_rps = asyncio.run(_sink_vs_copy(dsn, rows, settings.worker.batch_size, rounds))
     finally:
-        worker.kill()
+        for w in fleet:
+            w.kill()
         _cleanup(base_dsn, schema, settings.broker_url, list(names.values()))
         if started:
             stack.down()
@@ -241,6 +252,8 @@ def bench_ingest(settings: Settings, events: int = 100_000, rounds: int = 2) -> 
         "raw_copy_rows_per_s": round(copy_rps),
         "sink_ratio": round(sink_rps / copy_rps, 3),
         "engine": settings.worker.engine,
+        "workers": workers,
+        "stored_per_worker": per_worker,
         "batch_size": settings.worker.batch_size,
         "partitions": settings.worker.partitions,
         "timescale": timescale,
@@ -249,20 +262,23 @@ def bench_ingest(settings: Settings, events: int = 100_000, rounds: int = 2) -> 
     }
 
 
-def _wait_stored(worker: WorkerProcess, n: int, timeout: float) -> float:
-    """Wait until ``n`` events are stored; return the worker's last commit time."""
+def _wait_stored(fleet: list[WorkerProcess], n: int, timeout: float) -> tuple[float, list[int]]:
+    """Wait until the workers stored ``n`` events between them; return their
+    latest commit time and what each stored."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not worker.alive():
-            raise ArtwatchError(f"bench worker died; see {worker.log_path}")
+        for w in fleet:
+            if not w.alive():
+                raise ArtwatchError(f"bench worker died; see {w.log_path}")
         try:
-            m = worker.metrics()
-            if m.get("events_stored_total", 0) >= n:
-                return m["last_commit_timestamp_seconds"]
+            ms = [w.metrics() for w in fleet]
+            stored = [int(m.get("events_stored_total", 0)) for m in ms]
+            if sum(stored) >= n:
+                return max(m.get("last_commit_timestamp_seconds", 0.0) for m in ms), stored
         except OSError:
             pass
         time.sleep(0.5)
-    raise ArtwatchError(f"bench: {n} events not stored within {timeout:.0f}s; see {worker.log_path}")
+    raise ArtwatchError(f"bench: {n} events not stored within {timeout:.0f}s; see {fleet[0].log_path.parent}")
 
 
 def _cleanup(dsn: str, schema: str, bootstrap: str, topics: list[str]) -> None:

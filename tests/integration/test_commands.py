@@ -52,14 +52,18 @@ def test_demo_on_embedded_stack_completes_and_cleans_up(tmp_path: Path) -> None:
     assert not state["broker"]["running"] and not state["database"]["running"], state
 
 
-def test_bench_ingest_prints_figures_with_baselines(tmp_path: Path, timescale_dsn: str) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_bench_ingest_prints_figures_with_baselines(tmp_path: Path, timescale_dsn: str, workers: int) -> None:
     env = _env(tmp_path, ARTWATCH_DATABASE_URL=timescale_dsn)
-    run = _artwatch(["bench", "ingest", "--events", "3000", "--rounds", "1", "--json"], env, timeout=300)
+    run = _artwatch(["bench", "ingest", "--events", "3000", "--rounds", "1", "--workers", str(workers), "--json"],
+                    env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     for key in ("events", "pipeline_eps", "raw_consume_eps", "ratio", "sink_rows_per_s", "raw_copy_rows_per_s"):
         assert result[key] > 0, key
-    assert result["events"] == 3000 and result["rows_verified"] == 3001
+    assert result["events"] == 3000 and result["rows_verified"] == 3001 and result["workers"] == workers
+    per_worker = result["stored_per_worker"]
+    assert len(per_worker) == workers and all(n > 0 for n in per_worker) and sum(per_worker) == 3001, per_worker
     assert result["ratio"] == pytest.approx(result["pipeline_eps"] / result["raw_consume_eps"], rel=0.01)
     # The bench cleans up after itself: no schema left behind.
     with psycopg.connect(timescale_dsn) as conn:
