@@ -115,10 +115,13 @@ def _replay_live(console: Console, settings: Settings, worker: WorkerProcess, ti
             now = time.monotonic()
             if now - last_t >= 1.0:
                 rate, last, last_t = (processed - last) / (now - last_t), processed, now
+            finished = processed >= total and not thread.is_alive()
+            if finished:  # the last frame shows the whole run's rate (a run under 1 s has no window yet)
+                rate = processed / max(now - t0, 1e-3)
             live.update(_view(sent["n"], total, m, rate, now - t0))
             if errors:
                 raise ArtwatchError(f"replay failed: {errors[0]}")
-            if processed >= total and not thread.is_alive():
+            if finished:
                 return True
             if now > deadline or not worker.alive():
                 console.print(f"[red]stopped waiting: {int(processed)}/{total} processed; see {worker.log_path}")

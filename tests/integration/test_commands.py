@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,11 @@ def test_demo_on_embedded_stack_completes_and_cleans_up(tmp_path: Path) -> None:
     assert "demo complete" in run.stderr
     assert "dead letters by reason: invalid_field 2, malformed_json 1" in run.stderr
     assert "rollup_1h" in run.stderr  # the query that shows the stored series
+    # The live display's last frame: everything consumed, at a real (non-zero) rate.
+    frame = run.stderr[run.stderr.rindex("consumed"):]
+    assert re.search(r"consumed\W+603\b", frame), frame[:400]
+    rate = re.search(r"events/s\W+([\d,]+)", frame)
+    assert rate and int(rate.group(1).replace(",", "")) > 0, frame[:400]
     status = _artwatch(["stack", "status"], env, timeout=60)
     state = json.loads(status.stdout)
     assert not state["broker"]["running"] and not state["database"]["running"], state
