@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -49,7 +50,7 @@ def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 def _cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from streams.worker import run_worker
 
-    run_worker(settings)
+    run_worker(settings, parent_pid=args.parent_pid)
     return 0
 
 
@@ -97,6 +98,19 @@ def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt_on_termination() -> None:
+    """SIGTERM and SIGHUP (a ``kill``, a closed terminal) end a command the way
+    Ctrl-C does, so its ``finally`` blocks stop the worker and the stack it
+    started instead of leaving them orphaned. A second signal interrupts that
+    cleanup too."""
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="artwatch", description="Real-time art and NFT market monitor.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -111,6 +125,8 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_migrate)
 
     s = sub.add_parser("worker", help="run the stream worker (validate, store, roll up, alert)")
+    s.add_argument("--parent-pid", type=int, default=None,
+                   help="stop cleanly when this process exits (how the demo, bench and tests start workers)")
     s.set_defaults(func=_cmd_worker)
 
     s = sub.add_parser("replay", help="publish real market history (plus labelled synthetic events)")
@@ -151,6 +167,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"artwatch: bad configuration:\n{exc}", file=sys.stderr)
         return 2
     _setup_logging(settings.log_level)
+    if args.func is not _cmd_worker:  # the Faust worker handles its own signals
+        _interrupt_on_termination()
     try:
         return args.func(settings, args)
     except ArtwatchError as exc:

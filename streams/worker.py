@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -23,8 +24,9 @@ __all__ = ["run_worker", "WorkerProcess", "settings_env"]
 log = logging.getLogger(__name__)
 
 
-def run_worker(settings: Settings) -> None:
-    """Migrate, serve metrics, run the Faust worker until SIGTERM/SIGINT."""
+def run_worker(settings: Settings, parent_pid: Optional[int] = None) -> None:
+    """Migrate, serve metrics, run the Faust worker until SIGTERM/SIGINT (or,
+    with ``parent_pid``, until that process is gone)."""
     import faust
     import uvloop
     from prometheus_client import start_http_server
@@ -36,6 +38,8 @@ def run_worker(settings: Settings) -> None:
     # uvloop: the worker is CPU-bound on event-loop plumbing (aiokafka fetches,
     # psycopg waits, producer acks); it must be installed before faust binds a loop.
     uvloop.install()
+    if parent_pid is not None:
+        _exit_with_parent(parent_pid)
     report = migrate(settings.dsn(), timescale=settings.timescale)
     log.info("schema ready (timescale=%s, applied=%s)", report.timescale, list(report.applied) or "none")
     metrics = build_metrics()
@@ -49,6 +53,20 @@ def run_worker(settings: Settings) -> None:
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
     faust.Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+
+
+def _exit_with_parent(pid: int) -> None:
+    """SIGTERM this process (a clean Faust shutdown) once ``pid`` is no longer
+    its parent: a demo or test killed with SIGKILL must not leave its worker
+    behind, retrying a broker that is gone."""
+
+    def watch() -> None:
+        while os.getppid() == pid:
+            time.sleep(0.5)
+        log.warning("parent process %d is gone; stopping", pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -94,7 +112,7 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "infra.cli", "worker"], env=env, stdout=out, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", "infra.cli", "worker", "--parent-pid", str(os.getpid())], env=env, stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
         return self

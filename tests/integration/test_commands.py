@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import psycopg
@@ -56,6 +59,66 @@ def test_demo_on_embedded_stack_completes_and_cleans_up(tmp_path: Path) -> None:
     status = _artwatch(["stack", "status"], env, timeout=60)
     state = json.loads(status.stdout)
     assert not state["broker"]["running"] and not state["database"]["running"], state
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or only its zombie (nothing left running)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _gone(pid):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _demo_until_worker_starts(env: dict[str, str]) -> tuple[subprocess.Popen, int, list[str]]:
+    """Start the demo; return it, its worker's pid and its stderr lines so far (still being read)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "infra.cli", "demo", "--events", "3000"], cwd=REPO, env=env,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = [m for line in list(lines) if (m := re.search(r"worker starting \(pid (\d+)", line))]
+        if found:
+            return proc, int(found[0].group(1)), lines
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail("demo never started its worker:\n" + "".join(lines)[-3000:])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_demo_terminated_stops_its_worker_and_stack(tmp_path: Path, sig: signal.Signals) -> None:
+    """A `kill` or a closed terminal cleans up like Ctrl-C: no orphans."""
+    env = _env(tmp_path)
+    proc, worker_pid, lines = _demo_until_worker_starts(env)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=90) == 130, "".join(lines)[-3000:]
+    assert _wait_gone(worker_pid, 10), f"worker {worker_pid} outlived the demo"
+    state = json.loads(_artwatch(["stack", "status"], env, timeout=60).stdout)
+    assert not state["broker"]["running"] and not state["database"]["running"], state
+
+
+def test_worker_exits_when_its_parent_is_killed(tmp_path: Path) -> None:
+    """SIGKILL gives the demo no chance to clean up; its worker notices and stops on its own."""
+    env = _env(tmp_path)
+    proc, worker_pid, lines = _demo_until_worker_starts(env)
+    try:
+        proc.kill()
+        proc.wait(timeout=30)
+        assert _wait_gone(worker_pid, 30), f"worker {worker_pid} outlived its killed parent"
+    finally:
+        _artwatch(["stack", "down"], env, timeout=60)  # the stack is a daemon by design: `stack down` ends it
 
 
 @pytest.mark.parametrize("workers", [1, 2])
