@@ -10,7 +10,7 @@ import signal
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from pydantic import ValidationError
 
@@ -59,6 +59,27 @@ def _iso(value: str) -> datetime:
     if ts.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{value!r} needs a time zone, e.g. 2021-01-01T00:00:00Z")
     return ts
+
+
+def _positive(kind: type) -> "Callable[[str], int | float]":
+    def parse(value: str):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+        if not number > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+        return number
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _existing_file(value: str) -> Path:
+    path = Path(value)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {value}")
+    return path
 
 
 def _cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
@@ -131,17 +152,17 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("replay", help="publish real market history (plus labelled synthetic events)")
     s.add_argument("--seed", type=int, default=7, help="seed of the synthetic listings, bids and images")
-    s.add_argument("--limit", type=int, default=None, help="publish only the first N events")
+    s.add_argument("--limit", type=_positive(int), default=None, help="publish only the first N events")
     s.add_argument("--start", type=_iso, default=None, help="begin at this event time (ISO 8601 with zone)")
-    s.add_argument("--speedup", type=float, default=None, help="divide event-time gaps by this; default: as fast as possible")
+    s.add_argument("--speedup", type=_positive(float), default=None, help="divide event-time gaps by this; default: as fast as possible")
     s.add_argument("--include", nargs="+", default=["sales", "bids", "listings", "images"],
                    choices=("sales", "bids", "listings", "images", "auction_bids", "punk_bids"))
-    s.add_argument("--sprite", type=Path, default=None,
+    s.add_argument("--sprite", type=_existing_file, default=None,
                    help="CryptoPunks sprite PNG to cut item images from (default: synthetic pixel art)")
     s.set_defaults(func=_cmd_replay)
 
     s = sub.add_parser("demo", help="stack up, worker, replay real history with a live display, summary, shut down")
-    s.add_argument("--events", type=int, default=3000)
+    s.add_argument("--events", type=_positive(int), default=3000)
     s.add_argument("--seed", type=int, default=7)
     s.add_argument("--start", type=_iso, default=_iso("2020-12-26T00:00:00Z"),
                    help="event time to start from (default covers punk sales and art-auction bids)")
@@ -151,9 +172,9 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="benchmarks; each prints its figures and its same-run baseline")
     bsub = s.add_subparsers(dest="bench", required=True)
     b = bsub.add_parser("ingest", help="pipeline vs raw consume, idempotent sink vs plain COPY")
-    b.add_argument("--events", type=int, default=100_000)
-    b.add_argument("--rounds", type=int, default=2, help="sink/COPY rounds; the best of each is reported")
-    b.add_argument("--workers", type=int, default=1, help="worker processes in one consumer group")
+    b.add_argument("--events", type=_positive(int), default=100_000)
+    b.add_argument("--rounds", type=_positive(int), default=2, help="sink/COPY rounds; the best of each is reported")
+    b.add_argument("--workers", type=_positive(int), default=1, help="worker processes in one consumer group")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=_cmd_bench)
     return p

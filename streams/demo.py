@@ -22,7 +22,7 @@ from infra.db.migrate import migrate
 from infra.errors import ArtwatchError
 from infra.settings import Settings
 from infra.stack import Stack, mask_dsn
-from streams.replay.publisher import ensure_topics, publish
+from streams.replay.publisher import ensure_topics, kafka_client, publish
 from streams.replay.timeline import build_timeline, count_kinds
 from streams.worker import WorkerProcess
 
@@ -94,7 +94,7 @@ def _replay_live(console: Console, settings: Settings, worker: WorkerProcess, ti
                     progress_every=100)
             from kafka import KafkaProducer
 
-            producer = KafkaProducer(bootstrap_servers=settings.broker_url, acks="all")
+            producer = kafka_client(KafkaProducer, settings.broker_url, acks="all")
             for key, value in INJECTED:
                 producer.send(settings.topics.sales, key=key, value=value)
             producer.flush()

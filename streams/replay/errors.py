@@ -2,7 +2,7 @@
 
 from infra.errors import ArtwatchError
 
-__all__ = ["ReplayError", "PublishError"]
+__all__ = ["ReplayError", "PublishError", "BrokerUnavailable"]
 
 
 class ReplayError(ArtwatchError):
@@ -11,3 +11,7 @@ class ReplayError(ArtwatchError):
 
 class PublishError(ReplayError):
     """The broker did not acknowledge some records of a replay."""
+
+
+class BrokerUnavailable(ReplayError):
+    """No Kafka broker answered at the bootstrap address."""

@@ -28,10 +28,10 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import msgspec
 
 from infra.settings import TopicNames
-from streams.replay.errors import PublishError
+from streams.replay.errors import BrokerUnavailable, PublishError
 from streams.replay.timeline import TimelineEntry
 
-__all__ = ["DEFAULT_PRODUCER_CONFIG", "publish", "ensure_topics", "pace_delay"]
+__all__ = ["DEFAULT_PRODUCER_CONFIG", "publish", "ensure_topics", "pace_delay", "kafka_client"]
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def publish(
         raise ValueError(f"speedup must be > 0 or None, got {speedup}")
     names = topics.inputs()
     encode = msgspec.json.Encoder().encode
-    producer = KafkaProducer(bootstrap_servers=bootstrap, **{**DEFAULT_PRODUCER_CONFIG, **(producer_config or {})})
+    producer = kafka_client(KafkaProducer, bootstrap, **{**DEFAULT_PRODUCER_CONFIG, **(producer_config or {})})
     counts: Counter[str] = Counter()
     errors: list[BaseException] = []
     sent = 0
@@ -140,6 +140,23 @@ def publish(
         raise PublishError(f"{len(errors)} of {sent} records failed to publish: {errors[0]!r}") from errors[0]
     log.info("published %d records: %s", sent, dict(counts))
     return dict(counts)
+
+
+def kafka_client(factory: Callable[..., Any], bootstrap: str, **config: Any) -> Any:
+    """``factory(bootstrap_servers=bootstrap, **config)`` (a kafka-python client);
+    a broker that does not answer becomes a :class:`BrokerUnavailable` that says
+    what to do, not a kafka-python traceback."""
+    from kafka import errors
+
+    # kafka-python 2.x raises NoBrokersAvailable, 3.x a KafkaTimeoutError ("Unable to bootstrap").
+    unreachable = tuple(getattr(errors, n) for n in ("NoBrokersAvailable", "KafkaTimeoutError") if hasattr(errors, n))
+    try:
+        return factory(bootstrap_servers=bootstrap, **config)
+    except unreachable as exc:
+        raise BrokerUnavailable(
+            f"no Kafka broker answers at {bootstrap} ({exc}); start one with `artwatch stack up`"
+            " or point ARTWATCH_BROKER_URL at yours"
+        ) from exc
 
 
 def ensure_topics(
@@ -177,7 +194,7 @@ def ensure_topics(
     if include_outputs:
         names += [topics.alerts, topics.deadletter]
     created = []
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = kafka_client(KafkaAdminClient, bootstrap)
     try:
         for name in dict.fromkeys(names):
             if int(kafka.__version__.split(".")[0]) >= 3:

@@ -1,0 +1,60 @@
+"""Command-line input checks: bad arguments stop at the parser with a message
+that names the argument, before anything starts; an unreachable broker is one
+clear line, not a kafka-python traceback."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from infra.cli import _parser, main
+from tests.conftest import free_port
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["replay", "--speedup", "-1"], "argument --speedup: must be > 0, got -1"),
+        (["replay", "--speedup", "0"], "argument --speedup: must be > 0, got 0"),
+        (["replay", "--limit", "0"], "argument --limit: must be > 0, got 0"),
+        (["replay", "--limit", "ten"], "argument --limit: 'ten' is not a number"),
+        (["replay", "--sprite", "/no/such/sprite.png"], "argument --sprite: no such file: /no/such/sprite.png"),
+        (["replay", "--start", "2021-01-01T00:00:00"], "needs a time zone"),
+        (["demo", "--events", "-5"], "argument --events: must be > 0, got -5"),
+        (["bench", "ingest", "--workers", "0"], "argument --workers: must be > 0, got 0"),
+        (["bench", "ingest", "--rounds", "0"], "argument --rounds: must be > 0, got 0"),
+    ],
+)
+def test_bad_arguments_are_refused_with_the_reason(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _parser().parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_good_arguments_parse():
+    args = _parser().parse_args(["replay", "--speedup", "3600", "--limit", "10", "--start", "2021-01-01T00:00:00Z"])
+    assert args.speedup == 3600.0 and args.limit == 10 and args.start.tzinfo is not None
+
+
+@pytest.fixture
+def keep_signal_handlers():
+    """main() turns SIGTERM/SIGHUP into KeyboardInterrupt; give pytest its own back."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_replay_without_a_broker_says_how_to_get_one(monkeypatch, capsys, keep_signal_handlers):
+    monkeypatch.setenv("ARTWATCH_BROKER_URL", f"127.0.0.1:{free_port()}")  # nothing listens there
+    # kafka-python waits 30 s for a broker by default; the message, not the wait, is under test.
+    from kafka.admin import KafkaAdminClient
+
+    monkeypatch.setattr(KafkaAdminClient, "DEFAULT_CONFIG", {**KafkaAdminClient.DEFAULT_CONFIG,
+                                                             "bootstrap_timeout_ms": 1000})
+    assert main(["replay", "--limit", "5"]) == 1
+    err = capsys.readouterr().err
+    assert "no Kafka broker answers at 127.0.0.1:" in err and "artwatch stack up" in err, err
+    assert "Traceback" not in err
