@@ -61,14 +61,14 @@ def _iso(value: str) -> datetime:
     return ts
 
 
-def _positive(kind: type) -> "Callable[[str], int | float]":
+def _positive(kind: type, zero_ok: bool = False) -> "Callable[[str], int | float]":
     def parse(value: str):
         try:
             number = kind(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-        if not number > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+        if not (number >= 0 if zero_ok else number > 0):  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be {'>=' if zero_ok else '>'} 0, got {value}")
         return number
 
     parse.__name__ = f"positive {kind.__name__}"
@@ -104,7 +104,8 @@ def _cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from streams.demo import run_demo
 
-    return run_demo(settings, events=args.events, seed=args.seed, start=args.start, keep_stack=args.keep_stack)
+    return run_demo(settings, events=args.events, seed=args.seed, start=args.start, keep_stack=args.keep_stack,
+                    seconds=args.seconds)
 
 
 def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
@@ -166,6 +167,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=7)
     s.add_argument("--start", type=_iso, default=_iso("2020-12-26T00:00:00Z"),
                    help="event time to start from (default covers punk sales and art-auction bids)")
+    s.add_argument("--seconds", type=_positive(float, zero_ok=True), default=8.0,
+                   help="replay the history over about this many seconds, in its own rhythm (0: as fast as possible)")
     s.add_argument("--keep-stack", action="store_true", help="leave the broker and database running")
     s.set_defaults(func=_cmd_demo)
 

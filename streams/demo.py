@@ -51,10 +51,14 @@ def _view(published: int, total: int, m: dict, rate: float, elapsed: float) -> T
 
 
 def run_demo(
-    settings: Settings, events: int = 3000, seed: int = 7, start: Optional[datetime] = None, keep_stack: bool = False
+    settings: Settings, events: int = 3000, seed: int = 7, start: Optional[datetime] = None, keep_stack: bool = False,
+    seconds: float = 8.0,
 ) -> int:
+    """Run the demo; ``seconds`` paces the replay over about that long (0: as fast as possible)."""
     if events < 1:
         raise ArtwatchError("--events must be >= 1")
+    if seconds < 0:
+        raise ArtwatchError("--seconds must be >= 0")
     console = Console(stderr=True)
     stack = Stack(settings)
     before = stack.status(probe=True)
@@ -71,9 +75,11 @@ def run_demo(
         console.print(f"[bold]3/5[/] worker starting (pid {worker.proc.pid}, log: {worker.log_path})")
         worker.wait_ready()
         total = len(timeline) + len(INJECTED)
+        speedup = replay_speedup(timeline, seconds)
+        pace = f"at {speedup:,.0f}x real time" if speedup else "as fast as possible"
         console.print(f"[bold]4/5[/] replaying {len(timeline):,} events {count_kinds(timeline)} + "
-                      f"{len(INJECTED)} injected malformed messages")
-        done = _replay_live(console, settings, worker, timeline, total)
+                      f"{len(INJECTED)} injected malformed messages, {pace}")
+        done = _replay_live(console, settings, worker, timeline, total, speedup)
         summary = _summary(settings)
     finally:
         code = worker.stop()
@@ -84,14 +90,35 @@ def run_demo(
     return 0 if done else 1
 
 
-def _replay_live(console: Console, settings: Settings, worker: WorkerProcess, timeline, total: int) -> bool:
+def replay_speedup(timeline, seconds: float) -> Optional[float]:
+    """The speed-up that replays ``timeline``'s event-time span in about ``seconds``
+    (None: as fast as possible). Quiet stretches make it shorter: a single
+    wait is capped (see ``streams.replay.publisher``).
+
+    >>> from datetime import timedelta, timezone
+    >>> from types import SimpleNamespace as Rec
+    >>> t0 = datetime(2021, 1, 1, tzinfo=timezone.utc)
+    >>> replay_speedup([("sales", "1", Rec(ts=t0)), ("sales", "2", Rec(ts=t0 + timedelta(days=1)))], 8)
+    10800.0
+    >>> replay_speedup([("sales", "1", Rec(ts=t0))], 8) is None
+    True
+    """
+    if not seconds or len(timeline) < 2:
+        return None
+    span = (timeline[-1][2].ts - timeline[0][2].ts).total_seconds()
+    return span / seconds if span > 0 else None
+
+
+def _replay_live(
+    console: Console, settings: Settings, worker: WorkerProcess, timeline, total: int, speedup: Optional[float]
+) -> bool:
     sent = {"n": 0}
     errors: list[BaseException] = []
 
     def produce() -> None:
         try:
-            publish(timeline, settings.broker_url, settings.topics, progress=lambda n: sent.__setitem__("n", n),
-                    progress_every=100)
+            publish(timeline, settings.broker_url, settings.topics, speedup=speedup,
+                    progress=lambda n: sent.__setitem__("n", n), progress_every=20)
             from kafka import KafkaProducer
 
             producer = kafka_client(KafkaProducer, settings.broker_url, acks="all")

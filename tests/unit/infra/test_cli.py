@@ -22,6 +22,8 @@ from tests.conftest import free_port
         (["replay", "--sprite", "/no/such/sprite.png"], "argument --sprite: no such file: /no/such/sprite.png"),
         (["replay", "--start", "2021-01-01T00:00:00"], "needs a time zone"),
         (["demo", "--events", "-5"], "argument --events: must be > 0, got -5"),
+        (["demo", "--seconds", "-1"], "argument --seconds: must be >= 0, got -1"),
+        (["replay", "--speedup", "nan"], "argument --speedup: must be > 0, got nan"),
         (["bench", "ingest", "--workers", "0"], "argument --workers: must be > 0, got 0"),
         (["bench", "ingest", "--rounds", "0"], "argument --rounds: must be > 0, got 0"),
     ],
