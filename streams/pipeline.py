@@ -23,7 +23,7 @@ import psycopg
 
 from alerts.alert import Alert
 from alerts.kinds.sale_outlier import KIND, SaleOutlierRule
-from infra.db.sink import EventSink
+from infra.db.sink import ROW_REJECTED, EventSink
 from infra.metrics import Metrics
 from infra.settings import Settings
 from streams.records import DeadLetter, Event, Sale
@@ -66,10 +66,10 @@ class PreparedBatch:
     received: int
     records: list[Event]
     rows: list[tuple]
-    stamps: list[float]
+    sources: list  # the message each record came from (same order)
     dead: list[DeadLetter]
     alerts: list[Alert]
-    ts_scale: float = 1.0  # stamps * ts_scale = seconds
+    ts_scale: float = 1.0  # message timestamp * ts_scale = seconds
 
 
 class BatchPipeline:
@@ -111,32 +111,36 @@ class BatchPipeline:
         millisecond timestamps)."""
         topic = messages[0].topic if messages else self.kind
         self.metrics.events_in.labels(topic=topic).inc(len(messages))
-        records, stamps, dead = [], [], []
+        records, sources, dead = [], [], []
         decode = self.validator.decode
         not_after = self.validator.not_after()
         for m in messages:
             try:
                 records.append(decode(m.value, not_after))
-                stamps.append(m.timestamp)
+                sources.append(m)
             except Rejected as exc:
                 dead.append(self._deadletter(m, exc))
                 log.warning("deadletter %s[%s]@%s: %s", m.topic, m.partition, m.offset, exc)
         rows = list(map(self._row, records))
         alerts = await self._score(records) if self.rule is not None and records else []
-        return PreparedBatch(topic, len(messages), records, rows, stamps, dead, alerts, ts_scale)
+        return PreparedBatch(topic, len(messages), records, rows, sources, dead, alerts, ts_scale)
 
     async def store(self, batch: "PreparedBatch") -> BatchOutcome:
         """The I/O half: one transaction, then dead letters and alerts out."""
-        records, dead, new_alerts = batch.records, batch.dead, batch.alerts
-
-        async def before_commit(conn: psycopg.AsyncConnection, new_keys: frozenset) -> None:
-            if dead:
-                await _insert_deadletters(conn, dead)
-            if new_alerts:
-                await _insert_alerts(conn, new_alerts)
-
-        result = await self.sink.write(self.kind, batch.rows, before_commit)
+        try:
+            result = await self._write(batch)
+        except ROW_REJECTED as exc:
+            # A record the edge let through but the database refuses would
+            # fail this batch forever (a poison message): find it, dead-letter
+            # it, store the rest.
+            refused = self._set_aside_rejected(batch, await self.sink.rejected_rows(self.kind, batch.rows))
+            if not refused:
+                raise
+            log.warning("%s: the database refused %d record(s) of a batch (%s); dead-lettered, storing the rest",
+                        batch.topic, refused, exc)
+            result = await self._write(batch)
         committed = self.clock()
+        records, dead, new_alerts = batch.records, batch.dead, batch.alerts
         out = BatchOutcome(
             received=batch.received, stored=len(result.new_keys),
             duplicates=len(records) - len(result.new_keys), deadlettered=len(dead),
@@ -158,10 +162,36 @@ class BatchPipeline:
         m.events_duplicate.labels(topic=topic).inc(out.duplicates)
         m.sink_batch_rows.labels(table=self.kind).observe(len(records))
         m.sink_batch_seconds.labels(table=self.kind).observe(result.seconds)
-        m.event_to_stored.labels(topic=topic).observe_many(committed - np.asarray(batch.stamps) * batch.ts_scale)
+        stamps = np.fromiter((s.timestamp for s in batch.sources), float, len(batch.sources))
+        m.event_to_stored.labels(topic=topic).observe_many(committed - stamps * batch.ts_scale)
         m.last_commit.set(committed)
         m.event_time_to_stored.labels(topic=topic).observe_many([committed - r.ts.timestamp() for r in records])
         return out
+
+    async def _write(self, batch: "PreparedBatch"):
+        dead, new_alerts = batch.dead, batch.alerts
+
+        async def before_commit(conn: psycopg.AsyncConnection, new_keys: frozenset) -> None:
+            if dead:
+                await _insert_deadletters(conn, dead)
+            if new_alerts:
+                await _insert_alerts(conn, new_alerts)
+
+        return await self.sink.write(self.kind, batch.rows, before_commit)
+
+    def _set_aside_rejected(self, batch: "PreparedBatch", rejected: list[tuple[int, str]]) -> int:
+        """Move the rows the database refused (and their alerts) to the batch's
+        dead letters; returns how many."""
+        bad = {i for i, _ in rejected}
+        for i, error in rejected:
+            batch.dead.append(self._deadletter(batch.sources[i], Rejected("rejected_by_database", error)))
+        bad_ids = {batch.records[i].event_id for i in bad}
+        batch.alerts = [a for a in batch.alerts if a.evidence.get("event_id") not in bad_ids]
+        keep = [i for i in range(len(batch.records)) if i not in bad]
+        batch.records = [batch.records[i] for i in keep]
+        batch.rows = [batch.rows[i] for i in keep]
+        batch.sources = [batch.sources[i] for i in keep]
+        return len(bad)
 
     def _deadletter(self, m: IncomingMessage, exc: Rejected) -> DeadLetter:
         return DeadLetter(

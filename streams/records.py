@@ -39,11 +39,19 @@ Name = Annotated[str, msgspec.Meta(max_length=256)]
 UtcTime = Annotated[datetime, msgspec.Meta(tz=True)]
 
 
+# No market quotes outside these (1 wei is 1e-18 ETH); PostgreSQL's numeric
+# holds far more, but a value like 1e200000 cannot even be sent to it.
+MONEY_MAX_EXPONENT = 20  # < 1e21
+MONEY_MIN_EXPONENT = -18  # >= 1e-18 unless zero
+
+
 def _check_money(value: Decimal, field: str) -> None:
     if not value.is_finite():
         raise ValueError(f"{field} must be a finite number, got {value}")
     if value < 0:
         raise ValueError(f"{field} must not be negative, got {value}")
+    if value and not MONEY_MIN_EXPONENT <= value.adjusted() <= MONEY_MAX_EXPONENT:
+        raise ValueError(f"{field} {value} is out of range (1e{MONEY_MIN_EXPONENT} to 1e{MONEY_MAX_EXPONENT + 1})")
 
 
 def _check_currency(code: str) -> None:

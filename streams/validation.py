@@ -13,8 +13,11 @@ from streams.records import RECORD_TYPES, Event
 
 __all__ = ["Validator", "Rejected", "REASONS"]
 
+_BACKSLASH = 0x5C
+
 # Bounded label values of artwatch_streams_deadletter_total{reason}.
-REASONS = ("oversized", "malformed_json", "missing_field", "invalid_field", "future_timestamp", "empty")
+REASONS = ("oversized", "malformed_json", "missing_field", "invalid_field", "future_timestamp", "empty",
+           "rejected_by_database")
 
 
 class Rejected(Exception):
@@ -67,6 +70,11 @@ class Validator:
             raise Rejected("missing_field" if "missing required field" in msg else "invalid_field", msg) from None
         except msgspec.DecodeError as exc:
             raise Rejected("malformed_json", str(exc)) from None
+        # NUL can only arrive escaped. `int in bytes` is a memchr (~15 ns; a
+        # substring search costs ~150 ns per event), and most messages hold no
+        # backslash at all; only then is the decoded text looked at.
+        if _BACKSLASH in value and b"\\u0000" in value:
+            _reject_nul(record)
         if record.ts > (not_after or self.not_after()):
             ahead = record.ts.timestamp() - self.clock()
             raise Rejected(
@@ -75,3 +83,12 @@ class Validator:
                 f"(limit {self.max_skew:.0f}s, now {datetime.fromtimestamp(self.clock(), timezone.utc).isoformat()})",
             )
         return record
+
+
+def _reject_nul(record: Event) -> None:
+    """PostgreSQL text cannot hold NUL (``\\u0000`` in JSON): such a record
+    would fail its whole batch at the database, so it is refused here."""
+    for name in record.__struct_fields__:
+        value = getattr(record, name)
+        if isinstance(value, str) and "\x00" in value:
+            raise Rejected("invalid_field", f"{name} contains a NUL character (\\u0000)")

@@ -32,11 +32,16 @@ from psycopg import sql
 from infra.db.rollup import fold, upsert_rollups
 from infra.errors import SinkBackpressure
 
-__all__ = ["TableSpec", "EventSink", "WriteResult", "column_types"]
+__all__ = ["TableSpec", "EventSink", "WriteResult", "column_types", "ROW_REJECTED"]
 
 log = logging.getLogger(__name__)
 
 _TRANSIENT = (psycopg.OperationalError, psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
+# What a row's own content can make a write fail with (bad text encoding, a
+# numeric out of range, a check constraint). Retrying cannot help; the caller
+# finds the rows with :meth:`EventSink.rejected_rows` and sets them aside.
+# Unique violations are the sink's own business (the safe path).
+ROW_REJECTED = (psycopg.DataError, psycopg.errors.CheckViolation, psycopg.errors.NotNullViolation)
 
 
 @dataclass(frozen=True)
@@ -166,7 +171,8 @@ class EventSink:
             self._types[spec.table] = await column_types(conn, spec.table, spec.columns)
             await conn.execute(
                 sql.SQL(
-                    "CREATE TEMP TABLE IF NOT EXISTS {s} (LIKE {t} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+                    "CREATE TEMP TABLE IF NOT EXISTS {s} (LIKE {t} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+                    " ON COMMIT DELETE ROWS"
                 ).format(s=sql.Identifier(spec.staging), t=sql.Identifier(spec.table))
             )
         await conn.commit()
@@ -254,6 +260,34 @@ class EventSink:
                 fresh.discard(k)  # a key twice in one batch is stored once
                 new_rows.append(r)
         return new_rows
+
+    async def rejected_rows(self, table: str, rows: Sequence[Sequence[Any]]) -> list[tuple[int, str]]:
+        """``(index, error)`` of each row in ``rows`` that the database refuses.
+
+        Bisects the batch with COPYs into the staging table (which carries the
+        table's constraints), each in its own savepoint, all rolled back: a
+        few dozen statements for one bad row in thousands. Empty when every
+        row is fine on its own (then the failure was not a row's fault).
+        """
+        spec = self.specs[table]
+        found: list[tuple[int, str]] = []
+
+        async def probe(conn: psycopg.AsyncConnection, lo: int, hi: int) -> None:
+            try:
+                async with conn.transaction():  # savepoint
+                    await self._copy(conn, spec.staging_copy_sql, self._types[table], rows[lo:hi])
+            except ROW_REJECTED as exc:
+                if hi - lo == 1:
+                    found.append((lo, str(exc).strip()))
+                    return
+                mid = (lo + hi) // 2
+                await probe(conn, lo, mid)
+                await probe(conn, mid, hi)
+
+        if rows:
+            async with self.connection() as conn, conn.transaction(force_rollback=True):
+                await probe(conn, 0, len(rows))
+        return found
 
     @staticmethod
     async def _copy(conn: psycopg.AsyncConnection, statement: sql.Composed, types: list[str], rows) -> None:

@@ -555,6 +555,11 @@ def test_malformed_messages_are_deadlettered_and_the_stream_goes_on(
         ("future_timestamp", variant(ts=future)),
         ("oversized", variant(source="x" * 200, tx="y" * 200, pad="z" * (limit + 100))),
         ("empty", b""),
+        ("invalid_field", variant(buyer="0x\u0000")),  # PostgreSQL text cannot hold NUL
+        ("invalid_field", variant(price="1e200000")),  # beyond any market, and beyond numeric's wire format
+        # Zero, so the edge lets it through, but it cannot be sent as numeric: the
+        # database refuses the batch, the pipeline finds the row, the rest is stored.
+        ("rejected_by_database", variant(price="0E-20000")),
     ]
     assert {reason for reason, _ in bad} <= set(REASONS)
     assert len(bad[5][1]) > limit

@@ -21,7 +21,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from psycopg import sql
 
-from infra.db.sink import EventSink
+from infra.db.sink import ROW_REJECTED, EventSink
 from infra.errors import SinkBackpressure
 from infra.metrics import build_metrics
 from streams.records import RECORD_TYPES, Bid, Image, Listing, Sale
@@ -303,6 +303,38 @@ async def test_empty_batch(any_dsn):
     async with open_sink(any_dsn[0]) as sink:
         res = await sink.write("sales", [])
         assert res.new_keys == frozenset() and res.rows == 0 and sink.fallbacks == 0
+
+
+# --- rows the database refuses (poison) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["fast-path", "fallback"])
+async def test_rows_the_database_refuses_are_found_by_bisection(any_dsn, db, overlap):
+    """The edge catches what it knows; whatever else the database refuses must
+    be found row by row, or its batch would fail forever."""
+    t = tag()
+    batch = make_sales(t, 1000, seed=11)
+    price = TABLE_SPECS["sales"].columns.index("price")
+    negative = list(SALE_ROW(batch[500]))
+    negative[price] = Decimal(-1)  # the CHECK constraint (the record type would refuse it)
+    bad = {
+        3: SALE_ROW(msgspec_replace(batch[3], buyer="0x\x00")),  # text cannot hold NUL
+        500: tuple(negative),
+        777: SALE_ROW(msgspec_replace(batch[777], price=Decimal("0E-20000"))),  # not sendable as numeric
+    }
+    mixed = [bad.get(i, SALE_ROW(s)) for i, s in enumerate(batch)]
+    async with open_sink(any_dsn[0]) as sink:
+        if overlap:  # a replayed batch takes the safe path; it must fail the same way
+            await sink.write("sales", rows(batch[:10]))
+        with pytest.raises(ROW_REJECTED):
+            await sink.write("sales", mixed)
+        found = await sink.rejected_rows("sales", mixed)
+        assert [i for i, _ in found] == [3, 500, 777]
+        assert "0x00" in found[0][1] and "check constraint" in found[1][1] and "too precise" in found[2][1]
+        assert await sink.rejected_rows("sales", rows(batch)) == []  # every row fine on its own
+        assert await sink.rejected_rows("sales", []) == []
+    # Probing stores nothing; the failed batch stored nothing.
+    assert set(stored(db, "sales", collections(batch))) == (keys(batch[:10]) if overlap else set())
 
 
 # --- before_commit ------------------------------------------------------------------------
