@@ -53,6 +53,12 @@ class WorkerSettings(_Section):
     # (streams/batch_ingest.py explains why); agents: one Faust agent per topic.
     engine: Literal["batch", "agents"] = "batch"
     sink_retry_max_s: float = Field(30.0, gt=0)
+    # Consumer group session (heartbeats every third of it). Tansu admits a
+    # joining member only after about half of it, and a worker joins twice
+    # (Faust's consumer, then the batch engine's), so it sets the start-up
+    # time; 6 s is Kafka's default minimum. Raise it where GC or CPU stalls
+    # could outlast it (docker-compose.yml uses 30 s with real Kafka).
+    session_timeout_s: float = Field(6.0, ge=1, le=300)
 
 
 class AlertRuleSettings(_Section):

@@ -70,8 +70,8 @@ def create_app(settings: Settings, metrics: Optional[Metrics] = None) -> faust.A
         web_bind="127.0.0.1",
         stream_buffer_maxsize=max(4096, 2 * w.batch_size),
         broker_commit_interval=1.0,
-        broker_session_timeout=10.0,
-        broker_heartbeat_interval=3.0,
+        broker_session_timeout=w.session_timeout_s,
+        broker_heartbeat_interval=w.session_timeout_s / 3,
         broker_max_poll_records=max(500, w.batch_size),
     )
 

@@ -73,7 +73,8 @@ def run_demo(
         timeline = build_timeline(seed, limit=events, start=start)
         worker.start()
         console.print(f"[bold]3/5[/] worker starting (pid {worker.proc.pid}, log: {worker.log_path})")
-        worker.wait_ready()
+        with console.status("the worker is joining its consumer group (a few seconds)"):
+            worker.wait_ready()
         total = len(timeline) + len(INJECTED)
         speedup = replay_speedup(timeline, seconds)
         pace = f"at {speedup:,.0f}x real time" if speedup else "as fast as possible"

@@ -30,6 +30,8 @@ def test_worker_environment_is_valid_settings(monkeypatch):
     assert settings.dsn().startswith("postgresql://") and "timescaledb:5432" in settings.dsn()
     # Workers scale with partitions: the topics artwatch creates match the broker's default.
     assert settings.worker.partitions == int(COMPOSE["services"]["kafka"]["environment"]["KAFKA_NUM_PARTITIONS"])
+    # Real Kafka has no Tansu join delay; a longer session rides out GC and CPU stalls.
+    assert settings.worker.session_timeout_s == 30.0
 
 
 def test_prometheus_scrapes_the_worker_metrics_port(monkeypatch):

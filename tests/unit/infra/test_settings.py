@@ -36,6 +36,7 @@ def test_defaults():
     assert (s.worker.web_port, s.worker.metrics_port) == (6066, 9464)
     assert s.worker.engine == "batch"
     assert s.worker.sink_retry_max_s == 30.0
+    assert s.worker.session_timeout_s == 6.0
     assert s.validation.max_future_skew_s == 300.0
     assert s.validation.max_message_bytes == 1_048_576
     assert s.rules.outlier_multiple == 3.0
