@@ -108,6 +108,10 @@ def _quantum(decimals: int) -> Decimal:
 
 
 def _price(base: Decimal, factor: float, decimals: int) -> Decimal:
+    # Prices under 1e-3 (a few 2017 punk sales, down to 1 wei) keep 3
+    # significant digits instead of rounding to 0, but never below 1 wei.
+    if base > 0:
+        decimals = min(max(decimals, 2 - base.adjusted()), 18)
     # repr(float) is exact and platform independent; 9 digits are plenty.
     value = (base * Decimal(f"{factor:.9f}")).quantize(_quantum(decimals), rounding=ROUND_HALF_EVEN)
     return max(value, Decimal(0).quantize(_quantum(decimals)))
@@ -216,17 +220,18 @@ def synthetic_punk_bids(
     Returns
     -------
     list[Bid]
-        ``auction_id="punks-<id>"``, ``collection="cryptopunks"``, random
-        bidder addresses, ascending amounts per sale. For a sale made by
-        accepting a bid the last bid equals the sale price. All strictly
-        before their sale, in generation order.
+        One auction per sale, ``auction_id="punks-<id>-<sale time>"``,
+        ``collection="cryptopunks"``, random bidder addresses, amounts
+        ascending within an auction and below the sale price, except that for
+        a sale made by accepting a bid the last bid is exactly the sale price.
+        All strictly before their sale, in generation order.
 
     Examples
     --------
     >>> from streams.replay.sources import load_punk_sales
     >>> bids = synthetic_punk_bids(load_punk_sales()[:50], seed=3)
-    >>> bids[0].auction_id.startswith("punks-"), bids[0].synthetic, bids[0].source
-    (True, True, 'synthetic-punk-bids')
+    >>> bids[0].auction_id, bids[0].synthetic, bids[0].source
+    ('punks-544-20170623T210506Z', True, 'synthetic-punk-bids')
     """
     rng = random.Random(f"artwatch-synthetic-punk-bids:{seed}")
     out: list[Bid] = []
@@ -245,16 +250,14 @@ def synthetic_punk_bids(
         if window_s < 1:
             continue
         for lead, fraction, bidder in zip(leads, fractions, bidders):
-            amount = sale.price.quantize(q, rounding=ROUND_HALF_EVEN) if fraction == 1.0 else _price(
-                sale.price, fraction, config.decimals
-            )
+            amount = sale.price if fraction == 1.0 else _price(sale.price, fraction, config.decimals)
             out.append(
                 Bid(
                     event_id=f"syn{seed}-punkbid-{len(out)}",
                     ts=sale.ts - timedelta(seconds=lead),
                     synthetic=True,
                     source="synthetic-punk-bids",
-                    auction_id=f"punks-{sale.item_id}",
+                    auction_id=f"punks-{sale.item_id}-{sale.ts:%Y%m%dT%H%M%SZ}",
                     item_id=sale.item_id,
                     collection=PUNKS_COLLECTION,
                     bidder=bidder,

@@ -100,7 +100,9 @@ def test_synthetic_listings_precede_their_sale_and_are_labelled():
     assert {x.source for x in listings} == {"synthetic-listings"}
     assert {x.marketplace for x in listings} == {"larvalabs"}
     assert len({x.event_id for x in listings}) == len(listings)
-    assert all(x.price >= 0 and x.price.as_tuple().exponent == -6 for x in listings)
+    # 6 decimals; prices under 1e-3 keep 3 significant digits instead, down to 1 wei (never 0).
+    assert all(x.price > 0 and -18 <= x.price.as_tuple().exponent <= -6 for x in listings)
+    assert all(x.price.as_tuple().exponent == -6 for x in listings if x.price >= Decimal("0.001"))
     # Each listing lies strictly inside (previous sale of the punk, next sale by its seller).
     by_item = defaultdict(list)
     for s in sales:
@@ -118,16 +120,27 @@ def test_synthetic_punk_bids():
     sales = load_punk_sales()
     bids = synthetic_punk_bids(sales, seed=7)
     assert all(b.synthetic and b.source == "synthetic-punk-bids" for b in bids)
-    assert all(b.auction_id == f"punks-{b.item_id}" and b.collection == "cryptopunks" for b in bids)
-    assert all(b.amount >= 0 for b in bids)
+    assert all(b.collection == "cryptopunks" and b.amount >= 0 for b in bids)
     assert len({b.event_id for b in bids}) == len(bids)
-    # The accepted bid of a bid-accepted sale matches the sale price (to 6 places).
-    accepted = [s for s in sales if s.buyer == ZERO_ADDRESS]
-    bid_amounts = defaultdict(set)
+    # One auction per sale: its bids precede the sale and rise; none is above
+    # the price, and a sale made by accepting a bid ends on exactly its price.
+    sale_of = {f"punks-{s.item_id}-{s.ts:%Y%m%dT%H%M%SZ}": s for s in sales}
+    auctions = defaultdict(list)
     for b in bids:
-        bid_amounts[b.item_id].add(b.amount)
-    hits = sum(s.price.quantize(Decimal("0.000001")) in bid_amounts[s.item_id] for s in accepted)
-    assert hits >= 0.9 * len(accepted)
+        auctions[b.auction_id].append(b)
+    for auction_id, session in auctions.items():
+        sale = sale_of[auction_id]
+        session.sort(key=lambda b: b.ts)
+        amounts = [b.amount for b in session]
+        assert all(b.item_id == sale.item_id and b.ts < sale.ts for b in session), auction_id
+        assert amounts == sorted(amounts) and amounts[-1] <= sale.price, (auction_id, amounts, sale.price)
+        if sale.buyer == ZERO_ADDRESS:
+            assert amounts[-1] == sale.price, (auction_id, amounts[-1], sale.price)
+        elif sale.price > Decimal("1e-12"):  # (a sale of a few wei leaves no room below it)
+            assert amounts[-1] < sale.price, (auction_id, amounts[-1], sale.price)
+    accepted = [s for s in sales if s.buyer == ZERO_ADDRESS]
+    with_bids = sum(f"punks-{s.item_id}-{s.ts:%Y%m%dT%H%M%SZ}" in auctions for s in accepted)
+    assert with_bids >= 0.99 * len(accepted)  # every accepted bid has its bid (but a sale with no window)
 
 
 def test_synthetic_is_deterministic_per_seed():
