@@ -109,6 +109,7 @@ class Metrics:
     last_commit: Gauge
     alerts_emitted: Counter
     late_sales: Counter
+    rule_errors: Counter
 
 
 def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -186,6 +187,11 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "artwatch_alerts_late_sales",
             "Sales a rule scored more than its grace period after a later sale of the same collection"
             " and currency (out of event-time order across batches or partitions).",
+            ["kind"], registry=r,
+        ),
+        rule_errors=Counter(
+            "artwatch_alerts_rule_errors",
+            "Events a rule failed to score (logged with their event id); they are stored, unscored.",
             ["kind"], registry=r,
         ),
     )

@@ -121,8 +121,11 @@ class BatchIngest(Service):
             by_topic: dict[str, list] = defaultdict(list)
             for tp, records in fetched.items():
                 by_topic[tp.topic].extend(records)
-            # aiokafka records go in as they are (timestamps in ms).
-            prepared = [await self.pipelines[t].prepare(batch, ts_scale=0.001) for t, batch in by_topic.items()]
+            try:  # aiokafka records go in as they are (timestamps in ms)
+                prepared = [await self.pipelines[t].prepare(batch, ts_scale=0.001) for t, batch in by_topic.items()]
+            except Exception as exc:  # noqa: BLE001 - crash without committing, like a failed store
+                self.on_fatal(f"preparing a batch of {', '.join(by_topic)} failed", exc)
+                raise
             while len(in_flight) >= w.max_in_flight:
                 await self._finish(*in_flight.popleft())
             offsets = {tp: records[-1].offset + 1 for tp, records in fetched.items()}

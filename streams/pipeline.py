@@ -216,10 +216,17 @@ class BatchPipeline:
             firsts.setdefault((s.collection, s.currency), s.ts)
         unseen = {key: first for key, first in firsts.items() if not rule.knows(*key)}
         if unseen:  # only after a start or for a new collection: most batches skip the round trip
-            async with self.sink.connection() as conn, conn.transaction():
-                await _warm_rule(conn, rule, unseen)
+            # Retried like a write; warming twice is harmless (windows are keyed by event id).
+            await self.sink.read("warming the sale-outlier rule", lambda conn: _warm_rule(conn, rule, unseen))
         late_before = rule.late_sales
-        alerts = [a for s in ordered if (a := rule.observe(s))]
+        alerts = []
+        for s in ordered:
+            try:
+                if a := rule.observe(s):
+                    alerts.append(a)
+            except Exception:  # noqa: BLE001 - a rule's fault must not stop storing: the sale is kept, unscored
+                self.metrics.rule_errors.labels(kind=KIND).inc()
+                log.exception("%s could not score sale %s; stored without an alert check", KIND, s.event_id)
         if late := rule.late_sales - late_before:
             self.metrics.late_sales.labels(kind=KIND).inc(late)
             log.info("%d of %d sales arrived later than the rule's grace period; scored against the window as it"

@@ -11,9 +11,12 @@ import msgspec
 from infra.settings import ValidationSettings
 from streams.records import RECORD_TYPES, Event
 
-__all__ = ["Validator", "Rejected", "REASONS"]
+__all__ = ["Validator", "Rejected", "REASONS", "EARLIEST_EVENT_TIME"]
 
 _BACKSLASH = 0x5C
+# Older event times are typos or epoch-zero placeholders; near year 1 they
+# also overflow date arithmetic (a window's start) downstream.
+EARLIEST_EVENT_TIME = datetime(1900, 1, 1, tzinfo=timezone.utc)
 
 # Bounded label values of artwatch_streams_deadletter_total{reason}.
 REASONS = ("oversized", "malformed_json", "missing_field", "invalid_field", "future_timestamp", "empty",
@@ -75,6 +78,8 @@ class Validator:
         # backslash at all; only then is the decoded text looked at.
         if _BACKSLASH in value and b"\\u0000" in value:
             _reject_nul(record)
+        if record.ts < EARLIEST_EVENT_TIME:
+            raise Rejected("invalid_field", f"ts {record.ts.isoformat()} is before {EARLIEST_EVENT_TIME.isoformat()}")
         if record.ts > (not_after or self.not_after()):
             ahead = record.ts.timestamp() - self.clock()
             raise Rejected(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import Decimal
+from decimal import Context, Decimal, localcontext
 from typing import Iterable, Optional
 
 from alerts.alert import Alert, alert_id_for
@@ -28,6 +28,10 @@ from alerts.alert import Alert, alert_id_for
 __all__ = ["SaleOutlierRule", "SaleFacts", "KIND"]
 
 KIND = "sale_outlier"
+
+# Prices span 1e-18 to 1e21, so a ratio can need ~40 digits; the default
+# context (28) would raise on quantize and fail the whole batch.
+_WIDE = Context(prec=100)
 
 
 @dataclass(frozen=True)
@@ -156,7 +160,8 @@ class SaleOutlierRule:
         if len(w.prices) >= self.min_history and not seen:
             median = w.median()
             if median > 0 and sale.price >= self.multiple * median:
-                ratio = (sale.price / median).quantize(Decimal("0.01")).normalize()
+                with localcontext(_WIDE):
+                    ratio = (sale.price / median).quantize(Decimal("0.01")).normalize()
                 alert = Alert(
                     alert_id=alert_id_for(KIND, sale.event_id),
                     ts=sale.ts,

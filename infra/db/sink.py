@@ -24,7 +24,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from operator import itemgetter
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional, Sequence, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -35,6 +35,8 @@ from infra.errors import SinkBackpressure
 __all__ = ["TableSpec", "EventSink", "WriteResult", "column_types", "ROW_REJECTED"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _TRANSIENT = (psycopg.OperationalError, psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
 # What a row's own content can make a write fail with (bad text encoding, a
@@ -211,20 +213,32 @@ class EventSink:
         whole transaction back and retry it.
         """
         spec = self.specs[table]
+        return await self._retrying(f"writing {table}", lambda: self._write_once(spec, rows, before_commit))
+
+    async def read(self, what: str, fn: Callable[[psycopg.AsyncConnection], Awaitable[T]]) -> T:
+        """``fn(conn)`` in a transaction, retried like a write on transient errors
+        (so it must be safe to run twice); ``what`` names it in logs and errors."""
+
+        async def once() -> T:
+            async with self.connection() as conn, conn.transaction():
+                return await fn(conn)
+
+        return await self._retrying(what, once)
+
+    async def _retrying(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
         deadline = time.monotonic() + self.retry_max_s
         delay = 0.05
         while True:
             try:
-                return await self._write_once(spec, rows, before_commit)
+                return await attempt()
             except _TRANSIENT as exc:
                 if self.on_retry is not None:
                     self.on_retry(exc)
                 if time.monotonic() + delay > deadline:
                     raise SinkBackpressure(
-                        f"database unavailable for {self.retry_max_s:.0f}s writing {table}: {exc}",
-                        retry_after=delay,
+                        f"database unavailable for {self.retry_max_s:.0f}s {what}: {exc}", retry_after=delay,
                     ) from exc
-                log.warning("write to %s failed (%s); retrying in %.2fs", table, exc, delay)
+                log.warning("%s failed (%s); retrying in %.2fs", what, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 

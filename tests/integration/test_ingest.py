@@ -557,6 +557,7 @@ def test_malformed_messages_are_deadlettered_and_the_stream_goes_on(
         ("empty", b""),
         ("invalid_field", variant(buyer="0x\u0000")),  # PostgreSQL text cannot hold NUL
         ("invalid_field", variant(price="1e200000")),  # beyond any market, and beyond numeric's wire format
+        ("invalid_field", variant(ts="0001-01-03T00:00:00Z")),  # would overflow the rule's window start
         # Zero, so the edge lets it through, but it cannot be sent as numeric: the
         # database refuses the batch, the pipeline finds the row, the rest is stored.
         ("rejected_by_database", variant(price="0E-20000")),

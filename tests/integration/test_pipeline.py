@@ -159,3 +159,35 @@ async def test_a_sale_older_than_one_already_scored_is_counted_late(settings, an
     assert "1 of 1 sales arrived later than the rule's grace period" in caplog.text
     assert out.stored == 1 and len(out.alerts) == 1
     assert out.alerts[0].evidence["late_by_s"] == 3 * 3600
+
+
+async def test_extreme_prices_alert_instead_of_failing_the_batch(settings, any_dsn) -> None:
+    """1 wei against 1e20 ETH (both valid at the edge): a ratio of 1e38 needs ~40 digits."""
+    collection = f"pipe-extreme-{uuid.uuid4().hex[:8]}"
+    sales = [_sale(collection, i, "0.000000000000000001") for i in range(5)] + [_sale(collection, 5, "1e20")]
+    async with _pipeline(settings, any_dsn[0]) as (pipeline, _):
+        out = await pipeline.process(_messages(settings.topics.sales, sales))
+    assert out.stored == 6 and len(out.alerts) == 1
+    assert out.alerts[0].evidence["ratio"] == "1" + "0" * 38
+
+
+class _FaultyRule(SaleOutlierRule):
+    """The real rule, failing on one sale (a bug the stream must survive)."""
+
+    def observe(self, sale):
+        if sale.event_id.endswith("-3"):
+            raise RuntimeError("rule bug")
+        return super().observe(sale)
+
+
+async def test_a_rule_failure_stores_the_sale_unscored_and_the_batch_goes_on(settings, any_dsn, caplog) -> None:
+    collection = f"pipe-faulty-{uuid.uuid4().hex[:8]}"
+    sales = [_sale(collection, i, "1") for i in range(7)] + [_sale(collection, 7, "9")]
+    async with _pipeline(settings, any_dsn[0]) as (pipeline, _):
+        pipeline.rule = _FaultyRule(multiple=3.0, window=timedelta(days=7), min_history=5)
+        out = await pipeline.process(_messages(settings.topics.sales, sales))
+        errors = pipeline.metrics.registry.get_sample_value("artwatch_alerts_rule_errors_total", {"kind": "sale_outlier"})
+    assert errors == 1 and f"could not score sale {collection}-3" in caplog.text
+    assert out.stored == 8 and [a.evidence["event_id"] for a in out.alerts] == [f"{collection}-7"]
+    with psycopg.connect(any_dsn[0]) as conn:
+        assert conn.execute("SELECT count(*) FROM sales WHERE collection = %s", (collection,)).fetchone()[0] == 8

@@ -400,6 +400,22 @@ async def test_an_error_in_before_commit_stores_nothing(any_dsn, db, overlap):
 # --- transient failures -----------------------------------------------------------------
 
 
+async def test_a_read_whose_connection_dies_is_retried(any_dsn):
+    """EventSink.read (the rule's warm-up query) retries like a write."""
+    retries: list[BaseException] = []
+    attempts = []
+
+    async def query(conn):
+        attempts.append(1)
+        if len(attempts) == 1:  # the backend dies under the first attempt
+            await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        return (await (await conn.execute("SELECT 41 + 1")).fetchone())[0]
+
+    async with open_sink(any_dsn[0], on_retry=retries.append, retry_max_s=10) as sink:
+        assert await sink.read("answering", query) == 42
+    assert len(attempts) == 2 and len(retries) == 1 and isinstance(retries[0], psycopg.OperationalError)
+
+
 async def test_a_killed_connection_is_retried(any_dsn, db):
     t = tag()
     app = f"artwatch-sink-{t}"

@@ -336,3 +336,12 @@ def test_severity_high_from_twice_the_multiple():
     rule2 = SaleOutlierRule(multiple=3, window=WEEK, min_history=3)
     feed(rule2, ["10"] * 3)
     assert rule2.observe(sale("h", T0 + timedelta(hours=5), "60")).severity == "high"
+
+
+def test_ratio_beyond_the_default_decimal_precision_is_exact():
+    """Prices span 1e-18 to 1e21: a ratio of 1e38 must alert, not raise."""
+    rule = SaleOutlierRule(min_history=3)
+    feed(rule, ["0.000000000000000001"] * 3)
+    alert = rule.observe(sale("big", T0 + timedelta(hours=5), "100000000000000000000"))
+    assert alert is not None and alert.severity == "high"
+    assert alert.evidence["ratio"] == "1" + "0" * 38

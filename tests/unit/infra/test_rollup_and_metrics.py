@@ -148,6 +148,14 @@ def test_fold_min_max_in_any_order():
         assert m == [7, 0, Decimal("34.5"), Decimal(0), Decimal("9.5")]
 
 
+def test_fold_sums_beyond_the_default_decimal_precision():
+    """Prices carry up to ~39 digits (1e-18 to 1e21); the volume must be exact, as numeric is."""
+    t = datetime(2021, 1, 1, 10, 0, tzinfo=timezone.utc)
+    prices = [Decimal("10000000000"), Decimal("0.000000000000000001"), Decimal("999999999999999999999.999999999999999999")]
+    (group,) = fold((t, "c", "ETH", False, p) for p in prices).values()
+    assert str(group[2]) == "1000000000010000000000.000000000000000000"
+
+
 def test_fold_empty():
     minutes, hours = fold_both([])
     assert minutes == {} and hours in (None, {})

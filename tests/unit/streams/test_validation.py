@@ -195,6 +195,8 @@ def test_missing_kind_field(kind, doc, field):
         ("sales", sale_json(price="1e21"), "out of range"),
         ("bids", bid_json(amount="1e-19"), "out of range"),
         ("sales", sale_json(buyer="0x\u0000b"), "buyer contains a NUL"),
+        ("sales", sale_json(ts="0001-01-03T00:00:00Z"), "before 1900-01-01"),
+        ("bids", bid_json(ts="1899-12-31T23:59:59Z"), "before 1900-01-01"),
         ("listings", listing_json(collection="punks\u0000"), "collection contains a NUL"),
         ("images", image_json(uri="https://x.org/\u0000.png", data=None), "uri contains a NUL"),
     ],
@@ -245,6 +247,7 @@ def test_money_at_the_bounds_and_nul_lookalikes_are_fine():
 
 def test_past_timestamps_are_fine():
     assert validator("sales").decode(enc(sale_json(ts="2017-06-23T00:00:00Z"))).ts.year == 2017
+    assert validator("sales").decode(enc(sale_json(ts="1900-01-01T00:00:00Z"))).ts.year == 1900
 
 
 def test_unknown_kind_is_refused():
