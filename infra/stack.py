@@ -11,6 +11,7 @@ run as root, so as root the embedded server runs as the system user ``artwatch_p
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import errno
 import hashlib
 import importlib.util
@@ -83,19 +84,40 @@ def _cmdline(pid: int) -> Optional[str]:
     return cmd or None  # empty while it execs (or as a zombie, which _alive catches)
 
 
-def _live_pid(pidfile: Path, name: str) -> Optional[int]:
-    """The pid in ``pidfile`` if that process lives and is ``name``; a stale file is removed."""
+def _cwd(pid: int) -> Optional[str]:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
+
+
+def _live_pid(pidfile: Path, workdir: Path) -> Optional[int]:
+    """The pid in ``pidfile`` if that process lives and works in ``workdir``
+    (how this stack starts its broker; PostgreSQL works in its data folder);
+    a stale file is removed.
+
+    After a crash or reboot the pid may belong to anything, even another
+    ``postgres`` or ``tansu``: matching a name would have ``down`` kill it
+    (as root, anyone's). The working directory also holds while a process
+    execs, when its command line is briefly empty."""
     try:
         pid = int(pidfile.read_text().split("\n", 1)[0])
     except (OSError, ValueError):
         return None
-    cmd = _cmdline(pid)  # a recycled pid runs something else
-    if _alive(pid) and (pid in _CHILDREN or cmd is None or name in cmd):
+    if _alive(pid) and (pid in _CHILDREN or _cwd(pid) == str(workdir)):
         return pid
     log.info("removing stale pid file %s (pid %s is gone)", pidfile, pid)
     _CHILDREN.pop(pid, None)
     pidfile.unlink(missing_ok=True)
     return None
+
+
+def _postmaster_port(pgdata: Path) -> Optional[int]:
+    """The port a running server of ``pgdata`` listens on (line 4 of postmaster.pid)."""
+    try:
+        return int(pgdata.joinpath("postmaster.pid").read_text().splitlines()[3])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _port_busy(host: str, port: int) -> bool:
@@ -163,6 +185,25 @@ class Stack:
         self.broker_pidfile = self.stack_dir / "tansu.pid"
         self._pg_error = ""
 
+    def _broker_pid(self) -> Optional[int]:
+        return _live_pid(self.broker_pidfile, self.stack_dir)  # started with cwd=stack_dir
+
+    def _pg_pid(self) -> Optional[int]:
+        return _live_pid(self.pgdata / "postmaster.pid", self.pgdata)
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One ``up`` or ``down`` of this stack at a time (two racing ``up``s
+        would each spawn a broker and orphan one)."""
+        self.stack_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.stack_dir / ".lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("another artwatch is starting or stopping this stack; waiting for it")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     def up(self, timeout: float = 60) -> dict:
         """Start what is not running and wait until both services answer.
 
@@ -182,8 +223,10 @@ class Stack:
             A port is taken by another process, a process died, or a check timed out.
             Whatever this call started is stopped again before raising.
         """
-        deadline = time.monotonic() + timeout
-        self.stack_dir.mkdir(parents=True, exist_ok=True)
+        with self._exclusive():
+            return self._up(time.monotonic() + timeout)
+
+    def _up(self, deadline: float) -> dict:
         before = self.status(probe=False)
         started = {"broker": False, "database": False}
         try:
@@ -216,9 +259,10 @@ class Stack:
         dict
             :meth:`status` after stopping.
         """
-        self._broker_down(timeout)
-        if self.embedded:
-            self._pg_down(timeout)
+        with self._exclusive():
+            self._broker_down(timeout)
+            if self.embedded:
+                self._pg_down(timeout)
         return self.status()
 
     def status(self, probe: bool = True) -> dict:
@@ -235,8 +279,8 @@ class Stack:
             ``{"broker": {"url", "running", "pid", "log"},
             "database": {"dsn", "embedded", "running", "pid", "log"}}``, password masked.
         """
-        broker_pid = _live_pid(self.broker_pidfile, "tansu")
-        pg_pid = _live_pid(self.pgdata / "postmaster.pid", "postgres") if self.embedded else None
+        broker_pid = self._broker_pid()
+        pg_pid = self._pg_pid() if self.embedded else None
         db_running = pg_pid is not None if self.embedded else (self._pg_answers() if probe else None)
         return {
             "broker": {"url": self.broker_hostport, "running": broker_pid is not None,
@@ -257,7 +301,7 @@ class Stack:
     # -- broker -----------------------------------------------------------
     def _broker_up(self, deadline: float) -> bool:
         logfile, url = self.stack_dir / "tansu.log", f"tcp://{self.broker_hostport}"
-        pid = _live_pid(self.broker_pidfile, "tansu")
+        pid = self._broker_pid()
         started = pid is None
         if started:
             if _port_busy(self.broker_host, self.broker_port):
@@ -304,7 +348,7 @@ class Stack:
             admin.close()
 
     def _broker_down(self, timeout: float) -> None:
-        pid = _live_pid(self.broker_pidfile, "tansu")
+        pid = self._broker_pid()
         if pid is not None:
             log.info("stopping broker (pid %s)", pid)
             _stop(pid, "broker", [(signal.SIGTERM, max(timeout, 1)), (signal.SIGKILL, 5)], group=True)
@@ -325,7 +369,7 @@ class Stack:
     def _wait_db(self, deadline: float) -> None:
         logfile = self.stack_dir / "pg.log"
         while not self._pg_answers():
-            if self.embedded and _live_pid(self.pgdata / "postmaster.pid", "postgres") is None:
+            if self.embedded and self._pg_pid() is None:
                 raise StackError(f"PostgreSQL exited during startup; {_tail(logfile)}")
             if time.monotonic() >= deadline:
                 raise StackError(f"database {mask_dsn(self.settings.dsn())} does not answer: {self._pg_error}")
@@ -386,7 +430,10 @@ class Stack:
 
     def _pg_up(self, deadline: float) -> bool:
         port, logfile = self.settings.embedded_pg_port, self.stack_dir / "pg.log"
-        started = _live_pid(self.pgdata / "postmaster.pid", "postgres") is None
+        started = self._pg_pid() is None
+        if not started and (running_on := _postmaster_port(self.pgdata)) not in (None, port):
+            raise StackError(f"the embedded PostgreSQL of {self.stack_dir} already runs on port {running_on}, not"
+                             f" ARTWATCH_EMBEDDED_PG_PORT={port}; run `artwatch stack down` with the old port first")
         if started:
             if _port_busy("127.0.0.1", port):
                 raise StackError(f"PostgreSQL port {port} on 127.0.0.1 is already in use by another process; "
@@ -406,7 +453,7 @@ class Stack:
         return started
 
     def _pg_down(self, timeout: float) -> None:
-        pid = _live_pid(self.pgdata / "postmaster.pid", "postgres")
+        pid = self._pg_pid()
         if pid is None:
             return
         log.info("stopping PostgreSQL (pid %s)", pid)

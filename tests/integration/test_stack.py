@@ -183,3 +183,64 @@ def test_broker_dying_at_startup_shows_its_log(tmp_path: Path, external_db: str,
     with pytest.raises(StackError, match="exited during startup(.|\n)*boom: cannot start"):
         Stack(settings).up(timeout=10)
     assert not (settings.stack_dir / "tansu.pid").exists()
+
+
+def _impostor(argv0: str) -> subprocess.Popen:
+    """A live process whose command line says ``argv0`` (e.g. another PostgreSQL)."""
+    return subprocess.Popen(["bash", "-c", f"exec -a '{argv0}' sleep 60"])
+
+
+def test_a_recycled_pid_is_never_taken_for_ours(tmp_path: Path) -> None:
+    """After a crash the pid files may name someone else's postgres or tansu:
+    status must not report it and down must not signal it."""
+    settings = _settings(tmp_path)
+    (settings.stack_dir / "pg").mkdir(parents=True)
+    pg_like = _impostor("postgres: 15/main: checkpointer")
+    tansu_like = _impostor("tansu broker --listener-url tcp://127.0.0.1:9092")
+    try:
+        (settings.stack_dir / "pg" / "postmaster.pid").write_text(f"{pg_like.pid}\n/elsewhere\n0\n5432\n")
+        (settings.stack_dir / "tansu.pid").write_text(f"{tansu_like.pid}\n")
+        stack = Stack(settings)
+        st = stack.status()
+        assert not st["broker"]["running"] and not st["database"]["running"], st
+        stack.down()
+        assert pg_like.poll() is None and tansu_like.poll() is None, "down signalled a process that is not ours"
+    finally:
+        pg_like.kill()
+        tansu_like.kill()
+        pg_like.wait()
+        tansu_like.wait()
+
+
+def test_two_ups_at_once_start_one_stack(tmp_path: Path, external_db: str, stacks: list) -> None:
+    settings = _settings(tmp_path, database_url=external_db)
+    results: list = []
+    errors: list = []
+
+    def up() -> None:
+        try:
+            results.append(Stack(settings).up())
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    import threading
+
+    threads = [threading.Thread(target=up) for _ in range(2)]
+    stacks.append(Stack(settings))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert not errors, errors
+    assert sorted(r["broker"]["started"] for r in results) == [False, True]
+    assert results[0]["broker"]["pid"] == results[1]["broker"]["pid"] == Stack(settings).status()["broker"]["pid"]
+
+
+def test_a_different_pg_port_says_what_runs_where(tmp_path: Path, stacks: list) -> None:
+    settings = _settings(tmp_path)
+    stacks.append(Stack(settings))
+    Stack(settings).up()
+    moved = settings.model_copy(update={"embedded_pg_port": _free_port()})
+    with pytest.raises(StackError, match=f"already runs on port {settings.embedded_pg_port}"):
+        Stack(moved).up(timeout=20)
+    assert Stack(settings).status()["database"]["running"]  # the running one is left alone
