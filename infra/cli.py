@@ -198,6 +198,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ArtwatchError as exc:
         print(f"artwatch: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a data folder that cannot be made or written, a port that cannot be bound
+        print(f"artwatch: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        import psycopg
+
+        if not isinstance(exc, psycopg.OperationalError):
+            raise
+        from infra.stack import mask_dsn
+
+        print(f"artwatch: cannot use the database at {mask_dsn(settings.dsn())}: {str(exc).strip()}\n"
+              "  (start the embedded one with `artwatch stack up`, or check ARTWATCH_DATABASE_URL)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

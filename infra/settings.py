@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "TopicNames", "WorkerSettings", "ValidationSettings"]
@@ -93,18 +93,35 @@ class Settings(BaseSettings):
     # How the worker's start-up migration treats TimescaleDB: auto (use it when
     # installed), on (require it), off (keep plain tables even when installed).
     timescale: Literal["auto", "on", "off"] = "auto"
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     topics: TopicNames = TopicNames()
     validation: ValidationSettings = ValidationSettings()
     worker: WorkerSettings = WorkerSettings()
     rules: AlertRuleSettings = AlertRuleSettings()
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _check(self) -> "Settings":
-        if ":" not in self.broker_url.split(",")[0]:
-            raise ValueError(f"broker_url must be host:port, got {self.broker_url!r}")
-        if self.worker.metrics_port and self.worker.metrics_port == self.worker.web_port:
-            raise ValueError("worker.metrics_port and worker.web_port must differ")
+        for server in self.broker_url.split(","):
+            _host, sep, port = server.strip().rpartition(":")
+            if not sep or not _host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"broker_url must be host:port[,host:port...] with ports 1-65535,"
+                                 f" got {self.broker_url!r}")
+        # Ports this machine listens on must differ (a remote broker's may be anything).
+        w = self.worker
+        ports = {"worker.web_port": w.web_port, "embedded_pg_port": self.embedded_pg_port}
+        if w.metrics_port:
+            ports["worker.metrics_port"] = w.metrics_port
+        host, _, port = self.broker_url.split(",")[0].strip().rpartition(":")
+        if host.strip("[]") in ("127.0.0.1", "localhost", "::1", "0.0.0.0"):
+            ports["broker_url's port"] = int(port)
+        clashes = [n for n, p in ports.items() if list(ports.values()).count(p) > 1]
+        if clashes:
+            raise ValueError(f"{' and '.join(clashes)} must differ (all are {ports[clashes[0]]})")
         return self
 
     @property

@@ -249,8 +249,9 @@ class Stack:
             log.info("%s %s", name, "started" if did else "was already running")
         return status
 
-    def down(self, timeout: float = 20) -> dict:
-        """Stop the broker and the embedded database; safe when nothing runs.
+    def down(self, timeout: float = 20, services: tuple[str, ...] = ("broker", "database")) -> dict:
+        """Stop the broker and the embedded database (or only ``services``);
+        safe when nothing runs.
 
         An external database (``ARTWATCH_DATABASE_URL``) is never touched.
 
@@ -260,8 +261,9 @@ class Stack:
             :meth:`status` after stopping.
         """
         with self._exclusive():
-            self._broker_down(timeout)
-            if self.embedded:
+            if "broker" in services:
+                self._broker_down(timeout)
+            if self.embedded and "database" in services:
                 self._pg_down(timeout)
         return self.status()
 

@@ -20,7 +20,6 @@ import logging
 import os
 import platform
 import random
-import socket
 import tempfile
 import threading
 import time
@@ -39,19 +38,13 @@ from infra.settings import Settings, TopicNames
 from infra.stack import Stack
 from streams.records import Sale
 from streams.storage import TABLE_SPECS, row_builder
-from streams.worker import WorkerProcess
+from streams.worker import WorkerProcess, with_free_ports
 
 __all__ = ["bench_ingest"]
 
 log = logging.getLogger(__name__)
 
 _LIVE_RATE = 20_000.0  # events per second of event time
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _with_schema(dsn: str, schema: str) -> str:
@@ -189,11 +182,7 @@ def bench_ingest(settings: Settings, events: int = 100_000, rounds: int = 2, wor
     )
     logdir = Path(tempfile.mkdtemp(prefix="artwatch-bench-"))
     fleet = [
-        WorkerProcess(
-            bench.model_copy(update={"worker": bench.worker.model_copy(
-                update={"metrics_port": _free_port(), "web_port": _free_port()})}),
-            logdir / f"worker-{i}.log",
-        )
+        WorkerProcess(with_free_ports(bench), logdir / f"worker-{i}.log")
         for i in range(workers)
     ]
     try:

@@ -24,7 +24,7 @@ from infra.settings import Settings
 from infra.stack import Stack, mask_dsn
 from streams.replay.publisher import ensure_topics, kafka_client, publish
 from streams.replay.timeline import build_timeline, count_kinds
-from streams.worker import WorkerProcess
+from streams.worker import WorkerProcess, with_free_ports
 
 __all__ = ["run_demo", "INJECTED"]
 
@@ -61,12 +61,13 @@ def run_demo(
         raise ArtwatchError("--seconds must be >= 0")
     console = Console(stderr=True)
     stack = Stack(settings)
-    before = stack.status(probe=True)
-    started_stack = not (before["broker"]["running"] and before["database"]["running"])
     console.print("[bold]1/5[/] stack: broker + database")
-    worker = WorkerProcess(settings, settings.data_dir / "demo-worker.log")
+    # Its own metrics and web ports: the progress read must be this worker's.
+    worker = WorkerProcess(with_free_ports(settings), settings.data_dir / "demo-worker.log")
+    mine: list[str] = []  # what this demo started, and so stops
     try:
-        stack.up()
+        up = stack.up()
+        mine = [name for name in ("broker", "database") if up[name].get("started")]
         report = migrate(settings.dsn(), timescale=settings.timescale)
         console.print(f"[bold]2/5[/] schema ready (TimescaleDB: {report.timescale})")
         ensure_topics(settings.broker_url, settings.topics, settings.worker.partitions, include_outputs=True)
@@ -84,9 +85,10 @@ def run_demo(
         summary = _summary(settings)
     finally:
         code = worker.stop()
-        if started_stack and not keep_stack:
-            stack.down()
-    console.print(f"[bold]5/5[/] worker stopped (exit {code}); stack {'kept' if keep_stack or not started_stack else 'down'}")
+        if mine and not keep_stack:
+            stack.down(services=tuple(mine))
+    left = "kept" if keep_stack or not mine else f"{' and '.join(mine)} stopped"
+    console.print(f"[bold]5/5[/] worker stopped (exit {code}); stack {left}")
     _print_summary(console, summary, done, settings)
     return 0 if done else 1
 

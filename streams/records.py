@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Annotated, Any, ClassVar, Optional
+from typing import Annotated, ClassVar, Optional
 
 import msgspec
 

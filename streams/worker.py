@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ from typing import Optional
 from infra.errors import ArtwatchError
 from infra.settings import Settings
 
-__all__ = ["run_worker", "WorkerProcess", "settings_env"]
+__all__ = ["run_worker", "WorkerProcess", "settings_env", "with_free_ports"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,20 @@ def _exit_with_parent(pid: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def with_free_ports(settings: Settings) -> Settings:
+    """``settings`` with unused metrics and web ports, so a watched worker's
+    progress is read from that worker and not from another one already
+    serving the default ports."""
+
+    def free() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    ports = {"metrics_port": free(), "web_port": free()}
+    return settings.model_copy(update={"worker": settings.worker.model_copy(update=ports)})
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

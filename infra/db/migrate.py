@@ -16,6 +16,8 @@ from typing import Literal
 
 import psycopg
 
+from infra.errors import ConfigError
+
 __all__ = ["migrate", "MigrationReport", "HYPERTABLES"]
 
 log = logging.getLogger(__name__)
@@ -73,8 +75,9 @@ def migrate(dsn: str, timescale: TimescaleMode = "auto") -> MigrationReport:
             use_ts = timescale == "on" or (timescale == "auto" and _timescale_available(conn))
             if use_ts:
                 if not _timescale_available(conn):
-                    raise psycopg.errors.UndefinedFile(
-                        "timescale='on' but the timescaledb extension is not installed on this server"
+                    raise ConfigError(
+                        "ARTWATCH_TIMESCALE=on but the timescaledb extension is not installed on this server;"
+                        " install it (infra/scripts/install-timescaledb.sh) or use auto/off"
                     )
                 conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
             conn.execute(

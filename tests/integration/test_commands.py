@@ -61,6 +61,18 @@ def test_demo_on_embedded_stack_completes_and_cleans_up(tmp_path: Path) -> None:
     assert not state["broker"]["running"] and not state["database"]["running"], state
 
 
+def test_demo_leaves_running_what_it_did_not_start(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    assert _artwatch(["stack", "up"], env, timeout=120).returncode == 0
+    try:
+        run = _artwatch(["demo", "--events", "200", "--seconds", "0"], env, timeout=300)
+        assert run.returncode == 0 and "stack kept" in run.stderr, run.stderr[-3000:]
+        state = json.loads(_artwatch(["stack", "status"], env, timeout=60).stdout)
+        assert state["broker"]["running"] and state["database"]["running"], state
+    finally:
+        _artwatch(["stack", "down"], env, timeout=120)
+
+
 def _gone(pid: int) -> bool:
     """No such process, or only its zombie (nothing left running)."""
     try:

@@ -11,7 +11,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from infra.errors import StackError
+from infra.db.migrate import migrate
+from infra.errors import ConfigError, StackError
 from infra.settings import Settings
 from infra.stack import Stack
 from tests.conftest import unavailable
@@ -114,6 +115,9 @@ def test_up_status_use_down(tmp_path: Path, stacks: list) -> None:
         admin.close()
     assert asyncio.run(_roundtrip(settings.broker_url, "stack-test")) == b"hello"
     assert _answers(settings.dsn())
+    # The embedded server has no TimescaleDB: requiring it is a clear error, not a stack trace.
+    with pytest.raises(ConfigError, match="ARTWATCH_TIMESCALE=on but the timescaledb extension is not installed"):
+        migrate(settings.dsn(), timescale="on")
 
     pids = [st["broker"]["pid"], st["database"]["pid"]]
     down = stack.down()

@@ -60,3 +60,19 @@ def test_replay_without_a_broker_says_how_to_get_one(monkeypatch, capsys, keep_s
     err = capsys.readouterr().err
     assert "no Kafka broker answers at 127.0.0.1:" in err and "artwatch stack up" in err, err
     assert "Traceback" not in err
+
+
+def test_an_unreachable_database_is_one_line_with_the_password_masked(monkeypatch, capsys, keep_signal_handlers):
+    monkeypatch.setenv("ARTWATCH_DATABASE_URL", f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/x")
+    assert main(["migrate"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("artwatch: cannot use the database at postgresql://postgres:***@127.0.0.1:"), err
+    assert "hunter2" not in err and "Traceback" not in err and "artwatch stack up" in err
+
+
+def test_an_unusable_data_folder_is_one_line(monkeypatch, capsys, tmp_path, keep_signal_handlers):
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("ARTWATCH_DATA_DIR", str(tmp_path / "afile" / "var"))
+    assert main(["stack", "up"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("artwatch: [Errno 20] Not a directory") and "Traceback" not in err, err

@@ -125,11 +125,25 @@ def test_invalid_value_from_the_environment_is_rejected(monkeypatch):
         ({"rules": {"outlier_min_history": 0}}, "outlier_min_history"),
         ({"rules": {"outlier_late_grace_s": -1}}, "outlier_late_grace_s"),
         ({"embedded_pg_port": 0}, "embedded_pg_port"),
+        ({"broker_url": "127.0.0.1:abc"}, "host:port"),
+        ({"broker_url": "127.0.0.1:99999"}, "ports 1-65535"),
+        ({"broker_url": ":9092"}, "host:port"),
+        ({"worker": {"metrics_port": 54329}}, "embedded_pg_port and worker.metrics_port must differ"),
+        ({"broker_url": "localhost:6066"}, "worker.web_port and broker_url's port must differ"),
+        ({"log_level": "chatty"}, "log_level"),
+        ({"worker": {"session_timeout_s": 0.5}}, "session_timeout_s"),
     ],
 )
 def test_invalid_combinations_are_rejected(kwargs, message):
     with pytest.raises(ValidationError, match=message):
         Settings(**kwargs)
+
+
+def test_lenient_where_nothing_clashes():
+    assert Settings(log_level="debug").log_level == "DEBUG"
+    # A remote broker's port is not ours to clash with.
+    assert Settings(broker_url="kafka.internal:6066").broker_url == "kafka.internal:6066"
+    assert Settings(broker_url="k1:9092, k2:9093").broker_url == "k1:9092, k2:9093"
 
 
 def test_metrics_port_zero_disables_the_port_check():
