@@ -48,9 +48,12 @@ def mask_dsn(dsn: str) -> str:
     --------
     >>> mask_dsn("postgresql://u:secret@h:5432/db")
     'postgresql://u:***@h:5432/db'
+    >>> mask_dsn("host=h password='my secret' user=u"), mask_dsn("postgresql://h/db?password=s3&sslmode=require")
+    ('host=h password=*** user=u', 'postgresql://h/db?password=***&sslmode=require')
     """
     dsn = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
-    return re.sub(r"(password\s*=\s*)\S+", r"\1***", dsn)
+    # key=value form: a quoted value may hold spaces and escaped quotes; in a URL query it ends at &.
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", r"\1***", dsn)
 
 
 def _pg_bin(name: str) -> str:
@@ -421,7 +424,7 @@ class Stack:
         if user is not None:
             for p in [*reversed(self.stack_dir.parents), self.stack_dir]:
                 if not p.stat().st_mode & stat.S_IXOTH:  # the server user must reach its data
-                    log.info("adding o+x to %s so %s can reach its data", p, PG_SYSTEM_USER)
+                    log.warning("adding o+x (traverse) to %s so %s can reach its data; choose ARTWATCH_DATA_DIR elsewhere to avoid it", p, PG_SYSTEM_USER)
                     p.chmod(p.stat().st_mode | stat.S_IXOTH)
             for p in (sock, logfile):
                 os.chown(p, user.pw_uid, user.pw_gid)
