@@ -424,7 +424,8 @@ class Stack:
         if user is not None:
             for p in [*reversed(self.stack_dir.parents), self.stack_dir]:
                 if not p.stat().st_mode & stat.S_IXOTH:  # the server user must reach its data
-                    log.warning("adding o+x (traverse) to %s so %s can reach its data; choose ARTWATCH_DATA_DIR elsewhere to avoid it", p, PG_SYSTEM_USER)
+                    log.warning("adding o+x (traverse) to %s so %s can reach its data; choose"
+                                " ARTWATCH_DATA_DIR elsewhere to avoid it", p, PG_SYSTEM_USER)
                     p.chmod(p.stat().st_mode | stat.S_IXOTH)
             for p in (sock, logfile):
                 os.chown(p, user.pw_uid, user.pw_gid)
