@@ -187,6 +187,9 @@ class BatchPipeline:
             batch.dead.append(self._deadletter(batch.sources[i], Rejected("rejected_by_database", error)))
         bad_ids = {batch.records[i].event_id for i in bad}
         batch.alerts = [a for a in batch.alerts if a.evidence.get("event_id") not in bad_ids]
+        if self.rule is not None:  # its window must hold only what is stored
+            for i in bad:
+                self.rule.forget(batch.records[i])
         keep = [i for i in range(len(batch.records)) if i not in bad]
         batch.records = [batch.records[i] for i in keep]
         batch.rows = [batch.rows[i] for i in keep]

@@ -80,6 +80,15 @@ class _Window:
             del self.prices[bisect.bisect_left(self.prices, price)]
         del self.times[:cut], self.rows[:cut]
 
+    def discard(self, event_id: str) -> None:
+        if event_id not in self.ids:
+            return
+        i = next(i for i, (eid, _) in enumerate(self.rows) if eid == event_id)  # rare: a linear scan is fine
+        price = self.rows[i][1]
+        del self.times[i], self.rows[i]
+        del self.prices[bisect.bisect_left(self.prices, price)]
+        self.ids.discard(event_id)
+
     def median(self) -> Decimal:
         p, n = self.prices, len(self.prices)
         return p[n // 2] if n % 2 else (p[n // 2 - 1] + p[n // 2]) / 2
@@ -144,6 +153,12 @@ class SaleOutlierRule:
         w = self._windows.setdefault((collection, currency), _Window())
         for ts, event_id, price in history:
             w.add(ts.timestamp(), event_id, price)
+
+    def forget(self, sale: SaleFacts) -> None:
+        """Take back a sale learnt by :meth:`observe` (one the database then refused)."""
+        w = self._windows.get((sale.collection, sale.currency))
+        if w is not None:
+            w.discard(sale.event_id)
 
     def observe(self, sale: SaleFacts) -> Optional[Alert]:
         """Score ``sale`` against what was known just before it, then learn it."""

@@ -191,3 +191,20 @@ async def test_a_rule_failure_stores_the_sale_unscored_and_the_batch_goes_on(set
     assert out.stored == 8 and [a.evidence["event_id"] for a in out.alerts] == [f"{collection}-7"]
     with psycopg.connect(any_dsn[0]) as conn:
         assert conn.execute("SELECT count(*) FROM sales WHERE collection = %s", (collection,)).fetchone()[0] == 8
+
+
+async def test_a_sale_the_database_refuses_is_dead_lettered_and_forgotten_by_the_rule(settings, any_dsn) -> None:
+    """0E-20000 passes the edge (it is zero) but cannot be sent as numeric: the
+    rest of the batch is stored, and the rule's window holds only stored sales."""
+    collection = f"pipe-refused-{uuid.uuid4().hex[:8]}"
+    sales = [_sale(collection, i, "1") for i in range(6)]
+    sales[2] = msgspec.structs.replace(sales[2], price=Decimal("0E-20000"))
+    async with _pipeline(settings, any_dsn[0]) as (pipeline, _):
+        out = await pipeline.process(_messages(settings.topics.sales, sales))
+        window = pipeline.rule._windows[(collection, "ETH")]
+    assert (out.stored, out.deadlettered) == (5, 1)
+    assert window.ids == {s.event_id for s in sales} - {sales[2].event_id}
+    with psycopg.connect(any_dsn[0]) as conn:
+        (reason, offset), = conn.execute(
+            'SELECT reason, "offset" FROM deadletters WHERE topic = %s', (settings.topics.sales,)).fetchall()
+    assert (reason, offset) == ("rejected_by_database", 2)

@@ -345,3 +345,17 @@ def test_ratio_beyond_the_default_decimal_precision_is_exact():
     alert = rule.observe(sale("big", T0 + timedelta(hours=5), "100000000000000000000"))
     assert alert is not None and alert.severity == "high"
     assert alert.evidence["ratio"] == "1" + "0" * 38
+
+
+def test_forget_takes_a_learnt_sale_back():
+    rule = SaleOutlierRule(min_history=3)
+    feed(rule, [10, 10, 10])
+    zero = sale("refused", T0 + timedelta(hours=3), 0)
+    rule.observe(zero)
+    assert probe(rule, T0 + timedelta(hours=4))["window_sales"] == 4
+    rule.forget(zero)
+    rule.forget(zero)  # twice, or never learnt: no harm
+    rule.forget(sale("unknown", T0, 1, collection="other"))
+    evidence = probe(rule, T0 + timedelta(hours=4))
+    assert (evidence["window_sales"], evidence["median"]) == (3, "10")
+    assert rule.observe(zero) is None  # learnable again, e.g. after a fix and a replay
