@@ -167,7 +167,7 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         ),
         consumer_lag=Gauge(
             "artwatch_streams_consumer_lag_messages",
-            "Highwater minus the worker's read position, per assigned partition.",
+            "Messages not yet stored, per assigned partition: the log end minus the committed offset (batch engine).",
             ["topic", "partition"], registry=r,
         ),
         assigned_partitions=Gauge(

@@ -61,6 +61,7 @@ def create_app(settings: Settings, metrics: Optional[Metrics] = None) -> faust.A
         settings.app_id,
         broker=f"kafka://{settings.broker_url}",
         store="memory://",
+        datadir=str(settings.data_dir / "faust" / settings.app_id),  # not {app_id}-data in the working directory
         autodiscover=False,
         topic_partitions=w.partitions,
         topic_allow_declare=True,

@@ -15,12 +15,13 @@ agent engine (``ARTWATCH_WORKER__ENGINE=agents``), which shares the same
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import defaultdict, deque
 from typing import Callable, Mapping
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from mode import Service
 
 from infra.metrics import Metrics
@@ -64,6 +65,8 @@ class BatchIngest(Service):
         self.consumer: AIOKafkaConsumer | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        self._committed: dict[TopicPartition, int] = {}  # last offset committed per assigned partition
+        self._lag_series: set[TopicPartition] = set()
 
     async def on_start(self) -> None:
         w = self.settings.worker
@@ -158,18 +161,39 @@ class BatchIngest(Service):
             await consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError) as exc:
             log.warning("offset commit skipped after rebalance (%s); events will be re-read idempotently", exc)
+            return
+        self._committed.update(offsets)
 
     @Service.timer(5.0)
     async def _report_lag(self) -> None:
-        consumer = self.consumer
+        """Lag = the log's end minus the committed offset, per assigned partition.
+
+        Measured from the committed offset, not the read position: events
+        fetched but not yet stored (a stalled database) are lag. The log end
+        is asked for (ListOffsets), because the highwater of fetch responses
+        stops moving when a stall stops the fetching; the highwater is kept as
+        a floor, since Tansu 0.6 answers ListOffsets with the last record
+        batch's base offset + 1 (observed here), short of the real end.
+        Committed offsets are our own commits, or asked for once for a
+        partition new to this worker."""
+        consumer, gauge = self.consumer, self.metrics.consumer_lag
         if consumer is None:
             return
-        for tp in consumer.assignment():
-            high = consumer.highwater(tp)
-            if high is None:
-                continue
-            try:
-                pos = await consumer.position(tp)
-            except IllegalStateError:
-                continue
-            self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(max(0, high - pos))
+        assigned = consumer.assignment()
+        for tp in self._lag_series - assigned:  # moved to another worker: its series would go stale
+            with contextlib.suppress(KeyError):
+                gauge.remove(tp.topic, str(tp.partition))
+        self._lag_series = set(assigned)
+        self._committed = {tp: o for tp, o in self._committed.items() if tp in assigned}
+        if not assigned:
+            return
+        try:
+            ends = await consumer.end_offsets(list(assigned))
+            for tp in assigned - self._committed.keys():
+                self._committed[tp] = await consumer.committed(tp) or 0
+        except (KafkaError, IllegalStateError) as exc:
+            log.debug("consumer lag not measured this time: %s", exc)
+            return
+        for tp, end in ends.items():
+            end = max(end, consumer.highwater(tp) or 0)
+            gauge.labels(topic=tp.topic, partition=str(tp.partition)).set(max(0, end - self._committed[tp]))

@@ -20,6 +20,7 @@ import logging
 import os
 import platform
 import random
+import shutil
 import tempfile
 import threading
 import time
@@ -168,19 +169,18 @@ def bench_ingest(settings: Settings, events: int = 100_000, rounds: int = 2, wor
     from streams.replay.publisher import ensure_topics
 
     stack = Stack(settings)
-    was_up = stack.status(probe=True)
-    started = not (was_up["broker"]["running"] and was_up["database"]["running"])
-    if started:
-        stack.up()
+    up = stack.up()
+    mine = tuple(name for name in ("broker", "database") if up[name].get("started"))  # stopped at the end
     run = f"{int(time.time())}{os.getpid()}"
     schema = f"bench_{run}"
     base_dsn = settings.dsn()
     dsn = _with_schema(base_dsn, schema)
     names = {k: f"bench-{k}-{run}" for k in ("listings", "bids", "sales", "images", "alerts", "deadletter")}
-    bench = settings.model_copy(
-        update={"app_id": f"artwatch-bench-{run}", "database_url": SecretStr(dsn), "topics": TopicNames(**names)}
-    )
-    logdir = Path(tempfile.mkdtemp(prefix="artwatch-bench-"))
+    logdir = Path(tempfile.mkdtemp(prefix="artwatch-bench-"))  # worker logs and data; kept only on failure
+    bench = settings.model_copy(update={
+        "app_id": f"artwatch-bench-{run}", "database_url": SecretStr(dsn), "topics": TopicNames(**names),
+        "data_dir": logdir,
+    })
     fleet = [
         WorkerProcess(with_free_ports(bench), logdir / f"worker-{i}.log")
         for i in range(workers)
@@ -228,8 +228,9 @@ def bench_ingest(settings: Settings, events: int = 100_000, rounds: int = 2, wor
         for w in fleet:
             w.kill()
         _cleanup(base_dsn, schema, settings.broker_url, list(names.values()))
-        if started:
-            stack.down()
+        if mine:
+            stack.down(services=mine)
+    shutil.rmtree(logdir, ignore_errors=True)
     pipeline_eps = events / pipeline_s
     return {
         "events": events,

@@ -48,6 +48,7 @@ def run_worker(settings: Settings, parent_pid: Optional[int] = None) -> None:
         w = settings.worker
         start_http_server(w.metrics_port, addr=w.metrics_bind, registry=metrics.registry)
         log.info("metrics on http://%s:%d/metrics", w.metrics_bind, w.metrics_port)
+    (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)  # faust makes only its own folder in it
     app = create_app(settings, metrics)
     # Each event allocates a handful of short-lived objects; the default gen-0
     # threshold (700) runs the cycle collector every few dozen events.

@@ -106,6 +106,7 @@ def _demo_until_worker_starts(env: dict[str, str]) -> tuple[subprocess.Popen, in
             return proc, int(found[0].group(1)), lines
         time.sleep(0.1)
     proc.kill()
+    _artwatch(["stack", "down"], env, timeout=60)
     pytest.fail("demo never started its worker:\n" + "".join(lines)[-3000:])
 
 
@@ -114,11 +115,15 @@ def test_demo_terminated_stops_its_worker_and_stack(tmp_path: Path, sig: signal.
     """A `kill` or a closed terminal cleans up like Ctrl-C: no orphans."""
     env = _env(tmp_path)
     proc, worker_pid, lines = _demo_until_worker_starts(env)
-    proc.send_signal(sig)
-    assert proc.wait(timeout=90) == 130, "".join(lines)[-3000:]
-    assert _wait_gone(worker_pid, 10), f"worker {worker_pid} outlived the demo"
-    state = json.loads(_artwatch(["stack", "status"], env, timeout=60).stdout)
-    assert not state["broker"]["running"] and not state["database"]["running"], state
+    try:
+        proc.send_signal(sig)
+        assert proc.wait(timeout=90) == 130, "".join(lines)[-3000:]
+        assert _wait_gone(worker_pid, 10), f"worker {worker_pid} outlived the demo"
+        state = json.loads(_artwatch(["stack", "status"], env, timeout=60).stdout)
+        assert not state["broker"]["running"] and not state["database"]["running"], state
+    finally:  # a failure above must not leave the stack behind
+        proc.kill()
+        _artwatch(["stack", "down"], env, timeout=60)
 
 
 def test_worker_exits_when_its_parent_is_killed(tmp_path: Path) -> None:

@@ -170,10 +170,10 @@ def test_settings_are_frozen():
     assert s.app_id == "artwatch" and s.worker.batch_size == 4000
 
 
-def test_copies_are_validated_new_objects():
+def test_copies_are_new_objects_and_sections_are_values():
     s = Settings()
-    t = s.model_copy(update={"app_id": "b"})
+    t = s.model_copy(update={"app_id": "b"})  # (model_copy does not validate: only for known-good values)
     assert (s.app_id, t.app_id) == ("artwatch", "b")
-    # sections are hashable values (frozen), usable as keys
+    # sections are hashable values (frozen), usable as keys, equal by content
     assert hash(WorkerSettings()) == hash(WorkerSettings())
-    assert ValidationSettings() == ValidationSettings()
+    assert WorkerSettings(batch_size=7) != WorkerSettings()
