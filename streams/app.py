@@ -116,6 +116,8 @@ def create_app(settings: Settings, metrics: Optional[Metrics] = None) -> faust.A
             resent = await publish_pending_alerts(sales.sink, publish, topics.alerts)
         except Exception as exc:  # noqa: BLE001 - see _die
             _die("declaring output topics or publishing pending alerts failed", exc)
+        for a in resent:
+            metrics.alerts_emitted.labels(kind=a.kind).inc()
         if resent:
             log.info("re-sent %d alerts left unpublished by an earlier run", len(resent))
 
@@ -125,16 +127,16 @@ def create_app(settings: Settings, metrics: Optional[Metrics] = None) -> faust.A
     else:
         for name, p in pipelines.items():
             _add_ingest_agent(app, raw_topic(name), p, w.batch_size, w.batch_within_s)
-        _add_lag_timer(app, metrics)
+        _add_lag_timer(app, metrics, set(pipelines))
     return app
 
 
-def _add_lag_timer(app: faust.App, metrics: Metrics) -> None:
+def _add_lag_timer(app: faust.App, metrics: Metrics, topics: set[str]) -> None:
     @app.timer(interval=5.0)
     async def report_lag() -> None:
         consumer = app.consumer
         read = getattr(consumer, "_read_offset", {})  # faust keeps no public read position
-        assigned = consumer.assignment()
+        assigned = {tp for tp in consumer.assignment() if tp.topic in topics}  # not faust's own (assignor) topic
         metrics.assigned_partitions.set(len(assigned))
         for tp in assigned:
             high = consumer.highwater(tp)
