@@ -11,8 +11,8 @@ run as root, so as root the embedded server runs as the system user ``artwatch_p
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import errno
+import fcntl
 import hashlib
 import importlib.util
 import logging
@@ -107,11 +107,20 @@ def _live_pid(pidfile: Path, workdir: Path) -> Optional[int]:
         pid = int(pidfile.read_text().split("\n", 1)[0])
     except (OSError, ValueError):
         return None
-    if _alive(pid) and (pid in _CHILDREN or _cwd(pid) == str(workdir)):
+    if not _alive(pid):
+        log.info("removing stale pid file %s (pid %s is gone)", pidfile, pid)
+        _CHILDREN.pop(pid, None)
+        pidfile.unlink(missing_ok=True)
+        return None
+    cwd = _cwd(pid)
+    if pid in _CHILDREN or cwd == str(workdir):
         return pid
-    log.info("removing stale pid file %s (pid %s is gone)", pidfile, pid)
-    _CHILDREN.pop(pid, None)
-    pidfile.unlink(missing_ok=True)
+    # Alive but not ours: neither reported nor signalled. The file is removed
+    # only when that is certain (a recycled pid working elsewhere), not when
+    # the process may not be inspected (another user's).
+    if cwd is not None:
+        log.info("removing stale pid file %s (pid %s is now another process)", pidfile, pid)
+        pidfile.unlink(missing_ok=True)
     return None
 
 

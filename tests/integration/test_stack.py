@@ -209,6 +209,14 @@ def test_a_recycled_pid_is_never_taken_for_ours(tmp_path: Path) -> None:
         assert not st["broker"]["running"] and not st["database"]["running"], st
         stack.down()
         assert pg_like.poll() is None and tansu_like.poll() is None, "down signalled a process that is not ours"
+        # The files are stale, not ours: `up` starts over them (PostgreSQL would refuse a live pid's lock file).
+        (settings.stack_dir / "pg" / "postmaster.pid").write_text(f"{pg_like.pid}\n/elsewhere\n0\n5432\n")
+        (settings.stack_dir / "tansu.pid").write_text(f"{tansu_like.pid}\n")
+        st = stack.up()
+        assert st["broker"]["started"] and st["database"]["started"], st
+        assert st["broker"]["pid"] != tansu_like.pid and st["database"]["pid"] != pg_like.pid
+        stack.down()
+        assert pg_like.poll() is None and tansu_like.poll() is None
     finally:
         pg_like.kill()
         tansu_like.kill()
