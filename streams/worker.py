@@ -76,12 +76,10 @@ def with_free_ports(settings: Settings) -> Settings:
     progress is read from that worker and not from another one already
     serving the default ports."""
 
-    def free() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    ports = {"metrics_port": free(), "web_port": free()}
+    with socket.socket() as a, socket.socket() as b:  # both held open: two different ports
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        ports = {"metrics_port": a.getsockname()[1], "web_port": b.getsockname()[1]}
     return settings.model_copy(update={"worker": settings.worker.model_copy(update=ports)})
 
 
@@ -128,8 +126,8 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "infra.cli", "worker", "--parent-pid", str(os.getpid())], env=env, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
+                [sys.executable, "-m", "infra.cli", "worker", "--parent-pid", str(os.getpid())],
+                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         return self
 

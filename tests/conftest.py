@@ -30,10 +30,20 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, never one handed out before in this session:
+    the OS may return a just-closed port again, and settings refuse two equal
+    local ports."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def _dsn_for(db: str) -> str:

@@ -26,6 +26,7 @@ from infra.errors import SinkBackpressure
 from infra.metrics import build_metrics
 from streams.records import RECORD_TYPES, Bid, Image, Listing, Sale
 from streams.storage import TABLE_SPECS, row_builder
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -67,14 +68,6 @@ def make_sales(tag: str, n: int, seed: int, *, collections: int = 2, spread_s: i
 
 def msgspec_replace(record, **changes):
     return msgspec.structs.replace(record, **changes)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def keys(records) -> set[tuple[str, datetime]]:

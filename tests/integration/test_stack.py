@@ -15,17 +15,11 @@ from infra.db.migrate import migrate
 from infra.errors import ConfigError, StackError
 from infra.settings import Settings
 from infra.stack import Stack
-from tests.conftest import unavailable
+from tests.conftest import free_port, unavailable
 
 pytestmark = [pytest.mark.integration, pytest.mark.broker]
 
 EXTERNAL_DSN = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _gone(pid: int) -> bool:
@@ -50,8 +44,8 @@ def _answers(dsn: str) -> bool:
 
 def _settings(tmp_path: Path, **kw) -> Settings:
     kw.setdefault("database_url", None)  # explicit, so an ARTWATCH_DATABASE_URL in the env cannot leak in
-    return Settings(data_dir=tmp_path, broker_url=f"127.0.0.1:{_free_port()}",
-                    embedded_pg_port=_free_port(), **kw)
+    return Settings(data_dir=tmp_path, broker_url=f"127.0.0.1:{free_port()}",
+                    embedded_pg_port=free_port(), **kw)
 
 
 @pytest.fixture
@@ -252,7 +246,7 @@ def test_a_different_pg_port_says_what_runs_where(tmp_path: Path, stacks: list) 
     settings = _settings(tmp_path)
     stacks.append(Stack(settings))
     Stack(settings).up()
-    moved = settings.model_copy(update={"embedded_pg_port": _free_port()})
+    moved = settings.model_copy(update={"embedded_pg_port": free_port()})
     with pytest.raises(StackError, match=f"already runs on port {settings.embedded_pg_port}"):
         Stack(moved).up(timeout=20)
     assert Stack(settings).status()["database"]["running"]  # the running one is left alone
