@@ -71,7 +71,6 @@ def _positive(kind: type, zero_ok: bool = False) -> "Callable[[str], int | float
             raise argparse.ArgumentTypeError(f"must be {'>=' if zero_ok else '>'} 0, got {value}")
         return number
 
-    parse.__name__ = f"positive {kind.__name__}"
     return parse
 
 
@@ -195,10 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _interrupt_on_termination()
     try:
         return args.func(settings, args)
-    except ArtwatchError as exc:
-        print(f"artwatch: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # a data folder that cannot be made or written, a port that cannot be bound
+    except (ArtwatchError, OSError) as exc:  # OSError: a data folder that cannot be made, a port not bound
         print(f"artwatch: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:

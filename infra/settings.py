@@ -106,9 +106,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
-        for server in self.broker_url.split(","):
-            _host, sep, port = server.strip().rpartition(":")
-            if not sep or not _host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        servers = [server.strip().rpartition(":") for server in self.broker_url.split(",")]
+        for host, sep, port in servers:
+            if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
                 raise ValueError(f"broker_url must be host:port[,host:port...] with ports 1-65535,"
                                  f" got {self.broker_url!r}")
         # Ports this machine listens on must differ (a remote broker's may be anything).
@@ -116,7 +116,7 @@ class Settings(BaseSettings):
         ports = {"worker.web_port": w.web_port, "embedded_pg_port": self.embedded_pg_port}
         if w.metrics_port:
             ports["worker.metrics_port"] = w.metrics_port
-        host, _, port = self.broker_url.split(",")[0].strip().rpartition(":")
+        host, _, port = servers[0]
         if host.strip("[]") in ("127.0.0.1", "localhost", "::1", "0.0.0.0"):
             ports["broker_url's port"] = int(port)
         clashes = [n for n, p in ports.items() if list(ports.values()).count(p) > 1]

@@ -305,12 +305,18 @@ class Stack:
 
     @contextlib.contextmanager
     def running(self, timeout: float = 60) -> Iterator["Stack"]:
-        """Context manager: :meth:`up` on entry, :meth:`down` on exit."""
-        self.up(timeout)
+        """Context manager: :meth:`up` on entry, :meth:`down` of what it started on exit."""
+        status = self.up(timeout)
         try:
             yield self
         finally:
-            self.down()
+            self.down(services=self.started(status))
+
+    @staticmethod
+    def started(status: dict) -> tuple[str, ...]:
+        """The services (``"broker"``, ``"database"``) that the :meth:`up` which
+        returned ``status`` started, and so its caller should stop."""
+        return tuple(name for name in ("broker", "database") if status[name].get("started"))
 
     # -- broker -----------------------------------------------------------
     def _broker_up(self, deadline: float) -> bool:

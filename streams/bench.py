@@ -169,8 +169,7 @@ def bench_ingest(settings: Settings, events: int = 100_000, rounds: int = 2, wor
     from streams.replay.publisher import ensure_topics
 
     stack = Stack(settings)
-    up = stack.up()
-    mine = tuple(name for name in ("broker", "database") if up[name].get("started"))  # stopped at the end
+    mine = Stack.started(stack.up())  # stopped at the end
     run = f"{int(time.time())}{os.getpid()}"
     schema = f"bench_{run}"
     base_dsn = settings.dsn()

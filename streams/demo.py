@@ -64,10 +64,9 @@ def run_demo(
     console.print("[bold]1/5[/] stack: broker + database")
     # Its own metrics and web ports: the progress read must be this worker's.
     worker = WorkerProcess(with_free_ports(settings), settings.data_dir / "demo-worker.log")
-    mine: list[str] = []  # what this demo started, and so stops
+    mine: tuple[str, ...] = ()  # what this demo started, and so stops
     try:
-        up = stack.up()
-        mine = [name for name in ("broker", "database") if up[name].get("started")]
+        mine = Stack.started(stack.up())
         report = migrate(settings.dsn(), timescale=settings.timescale)
         console.print(f"[bold]2/5[/] schema ready (TimescaleDB: {report.timescale})")
         ensure_topics(settings.broker_url, settings.topics, settings.worker.partitions, include_outputs=True)
@@ -86,7 +85,7 @@ def run_demo(
     finally:
         code = worker.stop()
         if mine and not keep_stack:
-            stack.down(services=tuple(mine))
+            stack.down(services=mine)
     left = "kept" if keep_stack or not mine else f"{' and '.join(mine)} stopped"
     console.print(f"[bold]5/5[/] worker stopped (exit {code}); stack {left}")
     _print_summary(console, summary, done, settings)

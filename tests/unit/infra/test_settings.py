@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from infra.settings import Settings, TopicNames, ValidationSettings, WorkerSettings
+from infra.settings import Settings, TopicNames, WorkerSettings
 
 
 @pytest.fixture(autouse=True)
