@@ -110,6 +110,7 @@ class Metrics:
     alerts_emitted: Counter
     late_sales: Counter
     rule_errors: Counter
+    outbox_parked: Counter
 
 
 def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -193,5 +194,10 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "artwatch_alerts_rule_errors",
             "Events a rule failed to score (logged with their event id); they are stored, unscored.",
             ["kind"], registry=r,
+        ),
+        outbox_parked=Counter(
+            "artwatch_streams_outbox_parked",
+            "Alerts or dead letters the broker did not acknowledge in time; left in their table and re-sent later.",
+            ["table"], registry=r,
         ),
     )

@@ -53,6 +53,9 @@ class WorkerSettings(_Section):
     # (streams/batch_ingest.py explains why); agents: one Faust agent per topic.
     engine: Literal["batch", "agents"] = "batch"
     sink_retry_max_s: float = Field(30.0, gt=0)
+    # One send to the alerts or dead-letter topic and its acknowledgement; past
+    # it the message is parked in its table and re-sent later (streams/outbox.py).
+    publish_timeout_s: float = Field(30.0, gt=0)
     # Consumer group session (heartbeats every third of it). Tansu admits a
     # joining member only after about half of it, and a worker joins twice
     # (Faust's consumer, then the batch engine's), so it sets the start-up

@@ -21,7 +21,7 @@ from infra.db.sink import EventSink
 from infra.metrics import Metrics, build_metrics
 from infra.settings import Settings
 from streams.batch_ingest import BatchIngest
-from streams.pipeline import BatchPipeline, IncomingMessage, publish_pending_alerts
+from streams.pipeline import BatchPipeline, IncomingMessage
 from streams.storage import TABLE_SPECS
 
 __all__ = ["create_app", "AGENT_KINDS"]
@@ -113,13 +113,25 @@ def create_app(settings: Settings, metrics: Optional[Metrics] = None) -> faust.A
         try:
             for topic in outputs:  # brokers may not auto-create topics
                 await topic.maybe_declare()
-            resent = await publish_pending_alerts(sales.sink, publish, topics.alerts)
+            resent = (await sales.outbox.flush()).alerts
         except Exception as exc:  # noqa: BLE001 - see _die
             _die("declaring output topics or publishing pending alerts failed", exc)
         for a in resent:
             metrics.alerts_emitted.labels(kind=a.kind).inc()
         if resent:
             log.info("re-sent %d alerts left unpublished by an earlier run", len(resent))
+
+    @app.timer(interval=30.0)
+    async def resend_parked() -> None:
+        """Alerts and dead letters the broker did not acknowledge are parked in
+        their tables; once their lease runs out, this sends them again."""
+        try:
+            resent = await sales.outbox.flush()
+        except Exception:  # noqa: BLE001 - the next tick tries again; ingest is not affected
+            log.warning("re-sending parked outbox rows failed; trying again in 30 s", exc_info=True)
+            return
+        for a in resent.alerts:
+            metrics.alerts_emitted.labels(kind=a.kind).inc()
 
     if w.engine == "batch":
         ingest = BatchIngest(settings, pipelines, metrics, _die, loop=app.loop, beacon=app.beacon)

@@ -2,22 +2,21 @@
 
 Kept free of Faust so it can be driven by the agent, a test or a benchmark.
 Order per batch (the quix order): one database transaction (events, rollups,
-alerts, dead letters) -> produce dead letters and new alerts, awaiting
-delivery -> mark alerts published -> return, after which the agent acks the
+alerts, dead letters) -> the outbox publishes the new alerts and dead letters
+(streams/outbox.py; a broker that does not acknowledge in time parks them for
+later, it never fails the batch) -> return, after which the engine commits the
 offsets. A crash anywhere before the return replays the batch, which the
 idempotent writes absorb.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Awaitable, NamedTuple, Callable, Optional, Sequence
+from typing import NamedTuple, Callable, Optional, Sequence
 
-import msgspec
 import numpy as np
 import psycopg
 
@@ -26,6 +25,7 @@ from alerts.kinds.sale_outlier import KIND, SaleOutlierRule
 from infra.db.sink import ROW_REJECTED, EventSink
 from infra.metrics import Metrics
 from infra.settings import Settings
+from streams.outbox import Outbox, Publish
 from streams.records import DeadLetter, Event, Sale
 from streams.storage import row_builder
 from streams.validation import Rejected, Validator
@@ -33,11 +33,6 @@ from streams.validation import Rejected, Validator
 __all__ = ["IncomingMessage", "BatchPipeline", "BatchOutcome", "PreparedBatch", "Publish"]
 
 log = logging.getLogger(__name__)
-
-# await publish(topic, key, value, headers) hands the message to the producer and
-# returns its delivery: awaiting that waits for the broker's acknowledgement.
-# Split in two so a batch of alerts is sent at once and acknowledged together.
-Publish = Callable[[str, Optional[bytes], bytes, Sequence[tuple[str, bytes]]], Awaitable[Awaitable[object]]]
 
 
 class IncomingMessage(NamedTuple):
@@ -93,6 +88,7 @@ class BatchPipeline:
         self.rule = rule if kind == "sales" else None
         self.clock = clock
         self.validator = Validator(kind, settings.validation, clock)
+        self.outbox = Outbox(sink, publish, settings.topics, metrics, timeout_s=settings.worker.publish_timeout_s)
         self._row = row_builder(kind)
 
     async def process(self, messages: Sequence[IncomingMessage]) -> BatchOutcome:
@@ -145,15 +141,11 @@ class BatchPipeline:
             received=batch.received, stored=len(result.new_keys),
             duplicates=len(records) - len(result.new_keys), deadlettered=len(dead),
         )
-        if dead:
-            topic_dl = self.settings.topics.deadletter
-            await asyncio.gather(
-                *[await self.publish(topic_dl, d.key, msgspec.json.encode(d), _dl_headers(d)) for d in dead]
-            )
-            for d in dead:
-                self.metrics.deadletters.labels(topic=d.topic, reason=d.reason).inc()
-        if new_alerts:
-            out.alerts = await publish_pending_alerts(self.sink, self.publish, self.settings.topics.alerts)
+        for d in dead:
+            self.metrics.deadletters.labels(topic=d.topic, reason=d.reason).inc()
+        if dead or new_alerts:
+            sent = await self.outbox.flush()
+            out.alerts = sent.alerts
             for a in out.alerts:
                 self.metrics.alerts_emitted.labels(kind=a.kind).inc()
 
@@ -205,8 +197,7 @@ class BatchPipeline:
             reason=exc.reason,
             error=exc.error[:1000],
             key=m.key,
-            # Keep what fits; an oversized payload is cut, its size is in the error.
-            value=m.value[: self.settings.validation.max_message_bytes] if m.value else m.value,
+            value=m.value,  # whole in the table; the topic gets a bounded copy (streams.outbox)
         )
 
     async def _score(self, sales: list[Sale]) -> list[Alert]:
@@ -270,41 +261,3 @@ async def _insert_deadletters(conn: psycopg.AsyncConnection, dead: list[DeadLett
             " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
             [(d.topic, d.partition, d.offset, d.ts, d.reason, d.error, d.key, d.value) for d in dead],
         )
-
-
-def _dl_headers(d: DeadLetter) -> list[tuple[str, bytes]]:
-    return [
-        ("x-error-class", d.reason.encode()),
-        ("x-source-topic", d.topic.encode()),
-        ("x-source-partition", str(d.partition).encode()),
-        ("x-source-offset", str(d.offset).encode()),
-    ]
-
-
-async def publish_pending_alerts(sink: EventSink, publish: Publish, topic: str) -> list[Alert]:
-    """The outbox: send every stored, unpublished alert, then mark it published.
-
-    Runs after each batch that raised alerts and once at worker start, so an
-    alert committed just before a crash still reaches the topic.
-    """
-    async with sink.connection() as conn, conn.transaction():
-        cur = await conn.execute(
-            "SELECT alert_id, ts, kind, severity, subject, collection, evidence, model_versions, synthetic"
-            " FROM alerts WHERE published_at IS NULL ORDER BY ts FOR UPDATE SKIP LOCKED"
-        )
-        rows = await cur.fetchall()
-        alerts = [
-            Alert(alert_id=r[0], ts=r[1], kind=r[2], severity=r[3], subject=r[4], collection=r[5],
-                  evidence=r[6], model_versions=r[7], synthetic=r[8])
-            for r in rows
-        ]
-        await asyncio.gather(
-            *[await publish(topic, a.subject.encode(), msgspec.json.encode(a), [("x-alert-kind", a.kind.encode())])
-              for a in alerts]
-        )
-        if alerts:
-            await conn.execute(
-                "UPDATE alerts SET published_at = now() WHERE alert_id = ANY(%s) AND published_at IS NULL",
-                ([a.alert_id for a in alerts],),
-            )
-    return alerts
