@@ -113,7 +113,7 @@ def create_app(settings: Settings, metrics: Optional[Metrics] = None) -> faust.A
         try:
             for topic in outputs:  # brokers may not auto-create topics
                 await topic.maybe_declare()
-            resent = (await sales.outbox.flush()).alerts
+            resent = (await sales.outbox.flush(force=True)).alerts
         except Exception as exc:  # noqa: BLE001 - see _die
             _die("declaring output topics or publishing pending alerts failed", exc)
         for a in resent:
@@ -126,7 +126,7 @@ def create_app(settings: Settings, metrics: Optional[Metrics] = None) -> faust.A
         """Alerts and dead letters the broker did not acknowledge are parked in
         their tables; once their lease runs out, this sends them again."""
         try:
-            resent = await sales.outbox.flush()
+            resent = await sales.outbox.flush(force=True)
         except Exception:  # noqa: BLE001 - the next tick tries again; ingest is not affected
             log.warning("re-sending parked outbox rows failed; trying again in 30 s", exc_info=True)
             return

@@ -8,7 +8,10 @@ messages are sent with a time limit, and another short transaction marks them
 published. A publish that fails or times out is retried a few times, then
 *parked*: the row stays unpublished and is claimed again when its lease runs
 out (the next flush after that: after a batch, at start, or on the worker's
-timer), so a broker outage never stops ingest and nothing is dropped. A crash
+timer), so a broker outage never stops ingest and nothing is dropped. After a
+park the flushes that follow each batch stand aside until the lease runs out
+(only the timer's forced flush tries), so a broker that times out costs one
+batch its wait, not every batch. A crash
 between the send and the mark re-sends the row: the topics are at-least-once,
 so messages are keyed for dedupe (an alert by its id, a dead letter by its
 source position in a header).
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Awaitable, Callable, Optional, Sequence
@@ -149,10 +153,14 @@ class Outbox:
         self.timeout_s = timeout_s
         self.attempts = attempts
         self.lease_s = lease_s
+        self._resume_at = 0.0  # monotonic time before which unforced flushes stand aside
 
-    async def flush(self) -> FlushResult:
-        """Publish every claimable pending row of both tables."""
+    async def flush(self, force: bool = False) -> FlushResult:
+        """Publish every claimable pending row of both tables; unless ``force``,
+        nothing while an earlier flush's park is recent (see the module's docstring)."""
         result = FlushResult()
+        if not force and time.monotonic() < self._resume_at:
+            return result
         while True:
             rows = await self.sink.read("claiming pending alerts", self._claim_alerts)
             alerts = [Alert(alert_id=r[0], ts=r[1], kind=r[2], severity=r[3], subject=r[4], collection=r[5],
@@ -236,6 +244,7 @@ class Outbox:
                     ok[i] = True
             todo = failed
         if todo:
+            self._resume_at = time.monotonic() + self.lease_s
             self.metrics.outbox_parked.labels(table=table).inc(len(todo))
             log.warning("%d message(s) for %s not acknowledged after %d attempts (%r); parked, re-sent in %.0fs",
                         len(todo), topic, self.attempts, error, self.lease_s)
