@@ -198,9 +198,14 @@ def avatar_png(seed: Seed, *, attributes: Optional[Mapping[str, Any]] = None) ->
     return encode_png(render_avatar(seed, attributes=attributes))
 
 
-def _image_id(prefix: str, *parts: object) -> str:
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()
-    return f"{prefix}-{digest[:40]}"
+def _image_id(prefix: str, collection: str, item_id: str, ts: datetime, sha256: str, *parts: object) -> str:
+    """An id made of everything that defines the image event: its item, its
+    time and its bytes. The timeline announces an item's image at the item's
+    first event of the replayed window, so ``--start`` moves its time; an id
+    without the time would name two different events (issue 8, point 6)."""
+    when = ts.astimezone(timezone.utc).isoformat()
+    key = "\x1f".join(str(p) for p in (collection, item_id, when, sha256, *parts))
+    return f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:40]}"
 
 
 def synthetic_image_event(
@@ -231,19 +236,20 @@ def synthetic_image_event(
     -------
     Image
         ``content_type="image/png"``, inline ``data``, its ``sha256``,
-        ``synthetic=True``, ``source="synthetic-pixelart"`` and a
-        deterministic ``event_id``.
+        ``synthetic=True``, ``source="synthetic-pixelart"`` and an
+        ``event_id`` derived from the item, ``ts``, the bytes and the seed.
     """
     data = avatar_png(f"{seed}:{collection}:{item_id}", attributes=attributes)
+    digest = hashlib.sha256(data).hexdigest()
     return Image(
-        event_id=_image_id("pixelart", collection, item_id, seed),
+        event_id=_image_id("pixelart", collection, item_id, ts, digest, seed),
         ts=ts,
         synthetic=True,
         source="synthetic-pixelart",
         item_id=item_id,
         collection=collection,
         content_type="image/png",
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=digest,
         data=data,
     )
 
@@ -323,7 +329,7 @@ def sprite_image_events(
         digest = hashlib.sha256(data).hexdigest()
         out.append(
             Image(
-                event_id=f"sprite-{punk_id}-{digest[:16]}",
+                event_id=_image_id("sprite", collection, str(punk_id), when, digest),
                 ts=when,
                 synthetic=False,
                 source="user-sprite",

@@ -17,6 +17,12 @@ with ranks listings < punk bids < auction bids < sales, and an image always
 right before the event that introduces its item, so the result is fully
 deterministic for a seed.
 
+Identity: every event keeps its ``event_id`` and ``ts`` whatever the window.
+The one exception by design is an image: it takes the time of its item's
+first event inside the window, so ``start`` (or ``include``) can move it; its
+id is derived from that time and its bytes, so a moved image is a new event,
+never an old id with another time (the store would see a conflict).
+
 The punk feeds run 2017-06 .. 2021-04 and the auction bids 2020-12 ..
 2023-07: pass ``start`` (e.g. 2020-12-26) to begin where both are live.
 

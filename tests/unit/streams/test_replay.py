@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from streams.replay.sources import (
 )
 from streams.replay.synthetic import SyntheticConfig, synthetic_listings, synthetic_punk_bids
 from streams.replay.timeline import build_timeline, count_kinds
+from streams.validation import Rejected, Validator
 
 SPRITE = Path(__file__).resolve().parents[3].parent / "shared/data/cryptopunks/punks.png"
 SPRITE_SHA256 = "ac39af4793119ee46bbff351d8cb6b5f23da60222126add4268e261199a2921b"
@@ -189,6 +190,77 @@ def test_timeline_order_keys_and_images():
             assert record.item_id in seen  # its image came first
     counts = count_kinds(tl)
     assert counts["images"] == len(seen) and counts["sales"] > 0 and counts["listings"] > 0
+
+
+def test_every_event_the_replay_makes_passes_the_edge():
+    """The whole history (real sales and bids, synthetic listings, bids and
+    images) as the publisher encodes it: nothing the project produces may be
+    dead-lettered by its own worker (money below 1e-6 is written 1E-18 by
+    msgspec, names must be non-empty, images complete PNGs)."""
+    from infra.settings import ValidationSettings
+
+    validators = {kind: Validator(kind, ValidationSettings(), clock=lambda: 2e9)
+                  for kind in ("sales", "listings", "bids", "images")}
+    encode = msgspec.json.Encoder().encode
+    refused: dict[str, list[str]] = defaultdict(list)
+    timeline = build_timeline(seed=7)
+    for kind, _key, record in timeline:
+        try:
+            assert validators[kind].decode(encode(record)) == record
+        except Rejected as exc:
+            refused[exc.error[:120]].append(record.event_id)
+    assert not refused, {error: ids[:3] for error, ids in refused.items()}
+    assert count_kinds(timeline)["images"] > 5000
+    assert any(r.price.adjusted() < -6 for k, _, r in timeline if k == "sales"), "exercise exponent-form money"
+
+
+def _identities(timeline) -> dict[str, bytes]:
+    return {record.event_id: msgspec.json.encode(record) for _kind, _key, record in timeline}
+
+
+def test_replays_with_different_windows_never_reuse_an_id_for_other_content():
+    """Issue 8, point 6: an image is announced at its item's first event in
+    the window, so --start moves its time; its id must move with it. Any id
+    that two replays share must name byte-identical events."""
+    runs = [
+        build_timeline(seed=7, limit=4000),
+        build_timeline(seed=7, limit=4000, start=datetime(2017, 6, 24, tzinfo=UTC)),
+        build_timeline(seed=7, limit=4000, start=datetime(2017, 7, 1, tzinfo=UTC)),
+        build_timeline(seed=7, limit=4000, start=datetime(2018, 1, 1, tzinfo=UTC)),
+        build_timeline(seed=7, limit=4000, start=datetime(2020, 12, 26, tzinfo=UTC)),
+        build_timeline(seed=7, limit=4000, start=datetime(2020, 12, 26, tzinfo=UTC), include=("sales", "images")),
+        build_timeline(seed=7, limit=4000, end=datetime(2018, 1, 1, 0, 0, 1, tzinfo=UTC)),
+    ]
+    seen: dict[str, bytes] = {}
+    shared = moved = 0
+    image_times: dict[str, set] = defaultdict(set)
+    for timeline in runs:
+        for event_id, encoded in _identities(timeline).items():
+            if event_id in seen:
+                shared += 1
+                assert seen[event_id] == encoded, f"{event_id} names two different events"
+            seen[event_id] = encoded
+        for kind, _key, record in timeline:
+            if kind == "images":
+                image_times[record.item_id].add(record.ts)
+    moved = sum(len(times) > 1 for times in image_times.values())
+    assert shared > 10_000, "the windows overlap: ids must repeat, with the same content"
+    assert moved > 100, "the windows move some images' times: those must have new ids"
+    # Same arguments, same bytes, every time.
+    assert _identities(build_timeline(seed=7, limit=4000, start=datetime(2018, 1, 1, tzinfo=UTC))) == \
+        _identities(runs[3])
+
+
+def test_an_image_id_changes_with_its_time_and_its_bytes():
+    ts = datetime(2021, 3, 1, 12, tzinfo=UTC)
+    a = synthetic_image_event("7804", ts, seed=7, collection="cryptopunks")
+    assert synthetic_image_event("7804", ts, seed=7, collection="cryptopunks").event_id == a.event_id
+    later = synthetic_image_event("7804", ts + timedelta(seconds=1), seed=7, collection="cryptopunks")
+    assert later.data == a.data and later.event_id != a.event_id
+    assert synthetic_image_event("7804", ts, seed=8, collection="cryptopunks").event_id != a.event_id
+    # The same instant in another zone is the same event.
+    east = ts.astimezone(timezone(timedelta(hours=8)))
+    assert synthetic_image_event("7804", east, seed=7, collection="cryptopunks").event_id == a.event_id
 
 
 def test_timeline_start_covers_both_feeds():
