@@ -162,14 +162,38 @@ class BatchPipeline:
 
     async def _write(self, batch: "PreparedBatch"):
         dead, new_alerts = batch.dead, batch.alerts
+        aside: list = [(), [], new_alerts]  # the last attempt's conflicts, their dead letters, the alerts kept
 
-        async def before_commit(conn: psycopg.AsyncConnection, new_keys: frozenset) -> None:
-            if dead:
-                await _insert_deadletters(conn, dead)
-            if new_alerts:
-                await _insert_alerts(conn, new_alerts)
+        async def before_commit(conn: psycopg.AsyncConnection, new_keys: frozenset, conflicts: tuple) -> None:
+            # Conflicting duplicates (an event_id kept with another ts or
+            # content; infra.db.sink.Conflict) are dead letters of this batch,
+            # in its transaction; alerts scored from them are dropped.
+            more = [self._deadletter(batch.sources[c.index], Rejected("conflicting_duplicate", c.describe()))
+                    for c in conflicts]
+            alerts = _alerts_of_kept_versions(new_alerts, batch.records, conflicts) if conflicts else new_alerts
+            aside[:] = [conflicts, more, alerts]
+            if dead or more:
+                await _insert_deadletters(conn, dead + more)
+            if alerts:
+                await _insert_alerts(conn, alerts)
 
-        return await self.sink.write(self.kind, batch.rows, before_commit)
+        result = await self.sink.write(self.kind, batch.rows, before_commit)
+        conflicts, more, batch.alerts = aside
+        if conflicts:
+            batch.dead.extend(more)
+            if self.rule is not None:  # its windows must hold the kept versions only
+                for c in conflicts:
+                    if not c.differs or _WINDOW_FACTS & set(c.differs):
+                        self.rule.forget(batch.records[c.index])  # only this version's own entry
+                    if c.kept_index is not None:
+                        # scored in time order, the kept version may have been skipped as already seen
+                        self.rule.learn(batch.records[c.kept_index])
+            bad = {c.index for c in conflicts}
+            keep = [i for i in range(len(batch.records)) if i not in bad]
+            batch.records = [batch.records[i] for i in keep]
+            batch.rows = [batch.rows[i] for i in keep]
+            batch.sources = [batch.sources[i] for i in keep]
+        return result
 
     def _set_aside_rejected(self, batch: "PreparedBatch", rejected: list[tuple[int, str]]) -> int:
         """Move the rows the database refused (and their alerts) to the batch's
@@ -228,6 +252,25 @@ class BatchPipeline:
         return alerts
 
 
+# What a sale-outlier window / alert says of a sale (column names).
+_WINDOW_FACTS = frozenset({"ts", "price", "collection", "currency", "synthetic"})
+_ALERT_FACTS = _WINDOW_FACTS | {"item_id"}
+
+
+def _alerts_of_kept_versions(alerts: list[Alert], records: list, conflicts: tuple) -> list[Alert]:
+    """``alerts`` less those scored from a conflicting version of a sale (one
+    that differs from the kept version in what its alert would say)."""
+    if not alerts:
+        return alerts
+    gone = {
+        (s.event_id, s.ts, str(s.price), s.item_id, s.collection, s.currency, s.synthetic)
+        for c in conflicts if not c.differs or _ALERT_FACTS & set(c.differs)
+        for s in [records[c.index]]
+    }
+    return [a for a in alerts if (a.evidence.get("event_id"), a.ts, a.evidence.get("price"), a.subject, a.collection,
+                                  a.evidence.get("currency"), a.synthetic) not in gone]
+
+
 async def _insert_alerts(conn: psycopg.AsyncConnection, alerts: list[Alert]) -> None:
     async with conn.cursor() as cur:
         await cur.executemany(
@@ -247,7 +290,7 @@ async def _warm_rule(
     """Load each (collection, currency) window from the database, up to the batch's first sale of it."""
     for (collection, currency), first in firsts.items():
         cur = await conn.execute(
-            "SELECT ts, event_id, price FROM sales WHERE collection = %s AND currency = %s"
+            "SELECT ts, event_id, price, synthetic FROM sales WHERE collection = %s AND currency = %s"
             " AND ts >= %s AND ts < %s ORDER BY ts",
             (collection, currency, first - rule.window, first),
         )

@@ -1,9 +1,12 @@
 """Sale outlier: a sale at >= N x its collection's trailing median price.
 
-State is a time-ordered window of recent sales per (collection, currency).
-It lives in process memory for speed but is rebuilt from the database the
-first time a key is seen after a start (see ``streams.pipeline``), so a
-restart neither forgets history nor double-counts it (the window is keyed by
+State is a time-ordered window of recent sales per (collection, currency)
+and per kind of sale: real and synthetic sales have separate windows, so a
+real sale is judged only against real ones (synthetic events never move a
+real-market median) and a synthetic one only against synthetic ones. It lives
+in process memory for speed but is rebuilt from the database the first time
+a (collection, currency) is seen after a start (see ``streams.pipeline``), so
+a restart neither forgets history nor double-counts it (a window is keyed by
 event id).
 
 Each batch is scored in event-time order, but a sale that arrives after a
@@ -80,11 +83,16 @@ class _Window:
             del self.prices[bisect.bisect_left(self.prices, price)]
         del self.times[:cut], self.rows[:cut]
 
-    def discard(self, event_id: str) -> None:
+    def discard(self, t: float, event_id: str, price: Decimal) -> None:
+        """Remove the entry of exactly this version (time, id, price): a
+        different version of the same id (a conflicting duplicate) must not
+        take the stored one out."""
         if event_id not in self.ids:
             return
-        i = next(i for i, (eid, _) in enumerate(self.rows) if eid == event_id)  # rare: a linear scan is fine
-        price = self.rows[i][1]
+        lo, hi = bisect.bisect_left(self.times, t), bisect.bisect_right(self.times, t)
+        i = next((i for i in range(lo, hi) if self.rows[i] == (event_id, price)), None)
+        if i is None:
+            return
         del self.times[i], self.rows[i]
         del self.prices[bisect.bisect_left(self.prices, price)]
         self.ids.discard(event_id)
@@ -141,30 +149,47 @@ class SaleOutlierRule:
         self.window = window
         self._window_s = window.total_seconds()
         self.min_history = min_history
-        self._windows: dict[tuple[str, str], _Window] = {}
+        self._windows: dict[tuple[str, str, bool], _Window] = {}  # (collection, currency, synthetic)
+        self._known: set[tuple[str, str]] = set()
         self._grace_s = late_grace.total_seconds()
         self.late_sales = 0  # sales more than late_grace behind the newest of their key
 
     def knows(self, collection: str, currency: str) -> bool:
-        return (collection, currency) in self._windows
+        """Whether (collection, currency) was warmed or seen (both its windows)."""
+        return (collection, currency) in self._known
 
-    def warm(self, collection: str, currency: str, history: Iterable[tuple[datetime, str, Decimal]]) -> None:
-        """Seed a key's window with earlier sales ``(ts, event_id, price)``."""
-        w = self._windows.setdefault((collection, currency), _Window())
-        for ts, event_id, price in history:
-            w.add(ts.timestamp(), event_id, price)
+    def _window(self, collection: str, currency: str, synthetic: bool) -> _Window:
+        w = self._windows.get((collection, currency, synthetic))
+        if w is None:
+            w = self._windows[(collection, currency, bool(synthetic))] = _Window()
+            self._known.add((collection, currency))
+        return w
+
+    def warm(
+        self, collection: str, currency: str, history: Iterable[tuple[datetime, str, Decimal, bool]]
+    ) -> None:
+        """Seed a (collection, currency)'s windows with earlier sales ``(ts, event_id, price, synthetic)``;
+        each goes to the window of its kind."""
+        self._known.add((collection, currency))
+        for ts, event_id, price, synthetic in history:
+            self._window(collection, currency, synthetic).add(ts.timestamp(), event_id, price)
+
+    def learn(self, sale: SaleFacts) -> None:
+        """Add ``sale`` to its window without scoring it (a no-op when its id is there)."""
+        self._window(sale.collection, sale.currency, sale.synthetic).add(sale.ts.timestamp(), sale.event_id, sale.price)
 
     def forget(self, sale: SaleFacts) -> None:
-        """Take back a sale learnt by :meth:`observe` (one the database then refused)."""
-        w = self._windows.get((sale.collection, sale.currency))
+        """Take back a sale learnt by :meth:`observe` (one the database then
+        refused, or a conflicting version of a stored one). Only this exact
+        version (ts and price) is removed, never another version of its id."""
+        w = self._windows.get((sale.collection, sale.currency, sale.synthetic))
         if w is not None:
-            w.discard(sale.event_id)
+            w.discard(sale.ts.timestamp(), sale.event_id, sale.price)
 
     def observe(self, sale: SaleFacts) -> Optional[Alert]:
-        """Score ``sale`` against what was known just before it, then learn it."""
-        w = self._windows.get((sale.collection, sale.currency))
-        if w is None:
-            w = self._windows[(sale.collection, sale.currency)] = _Window()
+        """Score ``sale`` against what was known just before it among sales of
+        its kind (real or synthetic), then learn it."""
+        w = self._window(sale.collection, sale.currency, sale.synthetic)
         t = sale.ts.timestamp()
         w.expire(t - self._window_s)
         seen = sale.event_id in w.ids  # a redelivery: neither scored nor late

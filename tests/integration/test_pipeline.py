@@ -201,7 +201,7 @@ async def test_a_sale_the_database_refuses_is_dead_lettered_and_forgotten_by_the
     sales[2] = msgspec.structs.replace(sales[2], price=Decimal("0E-20000"))
     async with _pipeline(settings, any_dsn[0]) as (pipeline, _):
         out = await pipeline.process(_messages(settings.topics.sales, sales))
-        window = pipeline.rule._windows[(collection, "ETH")]
+        window = pipeline.rule._windows[(collection, "ETH", True)]  # the synthetic window (test sales are synthetic)
     assert (out.stored, out.deadlettered) == (5, 1)
     assert window.ids == {s.event_id for s in sales} - {sales[2].event_id}
     with psycopg.connect(any_dsn[0]) as conn:

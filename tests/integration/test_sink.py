@@ -1,8 +1,8 @@
 """infra.db.sink.EventSink on a real PostgreSQL, with and without TimescaleDB.
 
-Every check reads the database back: rows stored exactly once, the keys the
-sink calls new, and rollups equal to a reference computed in SQL from the
-event table itself.
+Every check reads the database back: rows stored exactly once, one identity
+per event id, the keys the sink calls new, and rollups equal to a reference
+computed in SQL from the event table itself, real and synthetic apart.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import random
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -21,7 +22,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from psycopg import sql
 
-from infra.db.sink import ROW_REJECTED, EventSink
+from infra.db.failures import RETRY_REASONS, classify
+from infra.db.sink import ROW_REJECTED, EventSink, row_digest
 from infra.errors import SinkBackpressure
 from infra.metrics import build_metrics
 from streams.records import RECORD_TYPES, Bid, Image, Listing, Sale
@@ -32,7 +34,7 @@ pytestmark = pytest.mark.integration
 
 UTC = timezone.utc
 T0 = datetime(2021, 8, 1, 22, 0, tzinfo=UTC)
-ROLLUP_COLS = "bucket, collection, currency, n, n_synthetic, volume, min_price, max_price"
+ROLLUP_COLS = "bucket, collection, currency, synthetic, n, n_synthetic, volume, min_price, max_price"
 SALE_ROW = row_builder("sales")
 
 
@@ -116,17 +118,18 @@ def rollups(db, table: str, colls: list[str], kind: str = "sales") -> dict:
     q = sql.SQL("SELECT " + ROLLUP_COLS + " FROM {t} WHERE kind = %s AND collection = ANY(%s)").format(
         t=sql.Identifier(table)
     )
-    return {(r[0], r[1], r[2]): tuple(r[3:]) for r in db.execute(q, (kind, colls))}
+    return {(r[0], r[1], r[2], r[3]): tuple(r[4:]) for r in db.execute(q, (kind, colls))}
 
 
 def reference(db, width: str, colls: list[str], table: str = "sales", price: str = "price") -> dict:
-    """The rollup recomputed from the event table: what must be in rollup_1m/1h."""
+    """The rollup recomputed from the event table, real and synthetic apart:
+    what must be in rollup_1m/1h."""
     q = sql.SQL(
-        "SELECT date_bin(%s::interval, ts, 'epoch'), collection, currency, count(*),"
+        "SELECT date_bin(%s::interval, ts, 'epoch'), collection, currency, synthetic, count(*),"
         " count(*) FILTER (WHERE synthetic), sum({p}), min({p}), max({p})"
-        " FROM {t} WHERE collection = ANY(%s) GROUP BY 1, 2, 3"
+        " FROM {t} WHERE collection = ANY(%s) GROUP BY 1, 2, 3, 4"
     ).format(p=sql.Identifier(price), t=sql.Identifier(table))
-    return {(r[0], r[1], r[2]): tuple(r[3:]) for r in db.execute(q, (width, colls))}
+    return {(r[0], r[1], r[2], r[3]): tuple(r[4:]) for r in db.execute(q, (width, colls))}
 
 
 def assert_rollups_match(db, colls: list[str], table: str = "sales", price: str = "price") -> None:
@@ -246,7 +249,7 @@ async def test_overlapping_batch_takes_the_fallback_and_stores_only_new_rows(any
     t = tag()
     first = make_sales(t, 300, seed=3)
     fresh = make_sales(t, 200, seed=4)
-    # the replayed half carries other prices: the stored rows must not change
+    # the replayed half carries other prices (conflicting duplicates): the stored rows must not change
     replayed = [msgspec_replace(s, price=s.price + 1000) for s in first[::2]]
     second = replayed + fresh
     random.Random(5).shuffle(second)
@@ -259,11 +262,13 @@ async def test_overlapping_batch_takes_the_fallback_and_stores_only_new_rows(any
         assert sink.fallbacks == 1
         assert res.new_keys == keys(fresh)
         assert res.rows == len(second)
+        assert sorted(second[c.index].event_id for c in res.conflicts) == sorted(s.event_id for s in replayed)
+        assert {c.differs for c in res.conflicts} == {("price",)} and res.duplicates == 0
         # the whole first batch again: nothing new, rollups do not move
         after_1m, after_1h = rollups(db, "rollup_1m", colls), rollups(db, "rollup_1h", colls)
         res = await sink.write("sales", rows(first))
         assert sink.fallbacks == 2
-        assert res.new_keys == frozenset()
+        assert res.new_keys == frozenset() and res.conflicts == () and res.duplicates == len(first)
         assert rollups(db, "rollup_1m", colls) == after_1m
         assert rollups(db, "rollup_1h", colls) == after_1h
     assert before_1m != after_1m
@@ -284,6 +289,9 @@ async def test_the_same_event_twice_in_one_batch_is_stored_once(any_dsn, db):
         assert res.new_keys == keys(batch)
         assert res.rows == len(doubled)
         assert sink.fallbacks == 1  # the batch conflicts with itself
+        # batch[3] twice more is a plain duplicate; the twin of batch[10] is a conflicting one
+        ((c,),) = [res.conflicts]
+        assert (c.index, c.kept_index, c.differs) == (21, 10, ("price",)) and res.duplicates == 2
     got = stored(db, "sales", collections(batch))
     assert set(got) == keys(batch)
     assert got[(batch[10].event_id, batch[10].ts)] == SALE_ROW(batch[10])  # the first of the two is kept
@@ -295,7 +303,225 @@ async def test_the_same_event_twice_in_one_batch_is_stored_once(any_dsn, db):
 async def test_empty_batch(any_dsn):
     async with open_sink(any_dsn[0]) as sink:
         res = await sink.write("sales", [])
-        assert res.new_keys == frozenset() and res.rows == 0 and sink.fallbacks == 0
+        assert res.new_keys == frozenset() and res.rows == 0 and sink.fallbacks == 0 and res.conflicts == ()
+
+
+# --- one identity per event ------------------------------------------------------------------
+
+
+def identities(db, kind: str, ids) -> dict[str, tuple[datetime, bytes | None]]:
+    return {r[0]: (r[1], r[2]) for r in db.execute(
+        "SELECT event_id, ts, digest FROM event_ids WHERE kind = %s AND event_id = ANY(%s)", (kind, sorted(ids)))}
+
+
+def versions(db, table: str, ids) -> dict[str, int]:
+    """event_id -> how many rows of it the table holds."""
+    q = sql.SQL("SELECT event_id, count(*) FROM {t} WHERE event_id = ANY(%s) GROUP BY 1").format(
+        t=sql.Identifier(table))
+    return dict(db.execute(q, (sorted(ids),)).fetchall())
+
+
+def assert_each_stored_once(db, records, table: str = "sales") -> None:
+    """Exactly ``records`` (these versions) are stored, one row and one identity per id."""
+    ids = {r.event_id for r in records}
+    assert versions(db, table, ids) == {i: 1 for i in ids}
+    spec = TABLE_SPECS[table]
+    eid = spec.columns.index("event_id")
+    got = {row[eid]: row for row in db.execute(
+        sql.SQL("SELECT {c} FROM {t} WHERE event_id = ANY(%s)").format(
+            c=sql.SQL(", ").join(map(sql.Identifier, spec.columns)), t=sql.Identifier(table)), (sorted(ids),))}
+    want = {r.event_id: row_builder(table)(r) for r in records}
+    assert got == want
+    assert identities(db, table, ids) == {i: (spec.identity(want[i])[1], row_digest(want[i])) for i in ids}
+
+
+async def test_an_identical_resend_is_a_plain_duplicate_across_and_within_batches(any_dsn, db):
+    t = tag()
+    batch = make_sales(t, 60, seed=21)
+    twice = [s for s in make_sales(t, 30, seed=22) for _ in range(2)]  # each event twice, one batch
+    async with open_sink(any_dsn[0]) as sink:
+        first = await sink.write("sales", rows(batch))
+        assert (first.new_keys, first.conflicts, first.duplicates) == (keys(batch), (), 0)
+        again = await sink.write("sales", rows(batch[::-1] + batch[:5]))  # same id, ts and content
+        assert (again.new_keys, again.conflicts, again.duplicates) == (frozenset(), (), 65)
+        inner = await sink.write("sales", rows(twice))
+        assert (inner.new_keys, inner.conflicts, inner.duplicates) == (keys(twice), (), 30)
+    assert_each_stored_once(db, batch + twice[::2])
+    assert_rollups_match(db, collections(batch))
+
+
+def resent(s: Sale, change: str) -> Sale:
+    if change == "ts":  # 90 min later: other minute and hour buckets, had it been rolled up
+        return msgspec_replace(s, ts=s.ts + timedelta(minutes=90))
+    if change == "price":
+        return msgspec_replace(s, price=s.price + 1)
+    if change == "synthetic":
+        return msgspec_replace(s, synthetic=not s.synthetic)
+    raise AssertionError(change)
+
+
+@pytest.mark.parametrize("change", ["ts", "price", "synthetic"])
+@pytest.mark.parametrize("where", ["across-batches", "within-a-batch"])
+async def test_a_resent_id_with_other_ts_or_content_is_a_conflicting_duplicate(any_dsn, db, change, where):
+    """The first stored version wins: the other one is reported, never stored or rolled up."""
+    t = tag()
+    base = make_sales(t, 40, seed=23)
+    others = [resent(s, change) for s in base[::3]]
+    fresh = make_sales(t, 10, seed=24)
+    colls = collections(base)
+    async with open_sink(any_dsn[0]) as sink:
+        if where == "across-batches":
+            await sink.write("sales", rows(base))
+            before = rollups(db, "rollup_1m", colls), rollups(db, "rollup_1h", colls)
+            batch = others + fresh
+            res = await sink.write("sales", rows(batch))
+            assert res.new_keys == keys(fresh)
+            assert (rollups(db, "rollup_1m", colls), rollups(db, "rollup_1h", colls)) != before  # fresh ones counted
+            kept_at = {s.event_id: (None, SALE_ROW(s)) for s in base}
+        else:
+            # each other version right after its original: the original came first, it wins
+            batch = [v for s in base for v in ([s, resent(s, change)] if s in base[::3] else [s])] + fresh
+            res = await sink.write("sales", rows(batch))
+            assert res.new_keys == keys(base + fresh)
+            kept_at = {s.event_id: (i, SALE_ROW(s)) for i, s in enumerate(batch) if s in base}
+        assert sink.fallbacks == 1 and res.duplicates == 0
+        assert sorted(batch[c.index].event_id for c in res.conflicts) == sorted(s.event_id for s in others)
+        for c in res.conflicts:
+            orig = kept_at[c.event_id][1]
+            assert batch[c.index] in others
+            assert (c.ts, c.kept_ts) == (batch[c.index].ts, TABLE_SPECS["sales"].identity(orig)[1])
+            assert (c.kept_index, c.kept) == kept_at[c.event_id]
+            assert c.differs == (change,)
+            assert c.event_id in c.describe() and change in c.describe()
+        # sent once more, a conflicting version is refused again
+        res2 = await sink.write("sales", rows(others))
+        assert res2.new_keys == frozenset() and len(res2.conflicts) == len(others)
+    assert_each_stored_once(db, base + fresh)
+    assert_rollups_match(db, colls)
+
+
+@pytest.mark.parametrize("kind", ["listings", "bids", "images"])
+async def test_other_kinds_keep_one_identity_too(any_dsn, db, kind):
+    t = tag()
+    ts = datetime(2021, 5, 6, 7, 8, 9, tzinfo=UTC)
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(100))
+    make = {
+        "listings": lambda i: Listing(event_id=f"{t}-{i}", ts=ts, marketplace="m", collection=t, item_id=str(i),
+                                      seller="s", price=Decimal(i + 1), currency="ETH", synthetic=True, source="syn"),
+        "bids": lambda i: Bid(event_id=f"{t}-{i}", ts=ts, auction_id="a", item_id=str(i), collection=t,
+                              bidder="p", amount=Decimal(i + 1), currency="CNY"),
+        "images": lambda i: Image(event_id=f"{t}-{i}", ts=ts, item_id=str(i), collection=t, content_type="image/png",
+                                  sha256=hashlib.sha256(png + bytes([i])).hexdigest(), data=png + bytes([i])),
+    }[kind]
+    records = [make(i) for i in range(5)]
+    later = msgspec_replace(records[0], ts=ts + timedelta(hours=2))
+    changed = make(4)
+    changed = msgspec_replace(changed, item_id="other", **({"data": png, "sha256": hashlib.sha256(png).hexdigest()}
+                                                           if kind == "images" else {}))
+    build = row_builder(kind)
+    async with open_sink(any_dsn[0]) as sink:
+        await sink.write(kind, [build(r) for r in records])
+        res = await sink.write(kind, [build(later), build(records[1]), build(changed)])
+    assert res.new_keys == frozenset() and res.duplicates == 1
+    assert [(c.index, c.differs) for c in res.conflicts] == [
+        (0, ("ts",)), (2, ("item_id", "sha256", "data") if kind == "images" else ("item_id",)),
+    ]
+    assert_each_stored_once(db, records, kind)
+    if kind != "images":
+        assert_rollups_match(db, [t], kind, "amount" if kind == "bids" else "price")
+
+
+async def test_concurrent_batches_with_the_same_ids_store_each_once(any_dsn, db):
+    """Two transactions claim the same ids at once (two batches in flight, a
+    re-send racing its original): each id is stored once, the loser's version
+    is reported as a conflict by exactly one of them."""
+    t = tag()
+    a = make_sales(t, 300, seed=25)
+    b = [resent(s, "ts") for s in a]
+    random.Random(26).shuffle(b)
+    retries: list[BaseException] = []
+    async with open_sink(any_dsn[0], on_retry=retries.append) as s1, \
+            open_sink(any_dsn[0], on_retry=retries.append) as s2:
+        ra, rb = await asyncio.gather(s1.write("sales", rows(a)), s2.write("sales", rows(b)))
+    won_a = {k[0] for k in ra.new_keys}
+    won_b = {k[0] for k in rb.new_keys}
+    assert not won_a & won_b and len(won_a | won_b) == 300
+    lost_a = {a[c.index].event_id for c in ra.conflicts}
+    lost_b = {b[c.index].event_id for c in rb.conflicts}
+    assert lost_a == won_b and lost_b == won_a
+    assert all(isinstance(e, psycopg.errors.DeadlockDetected) for e in retries), retries  # retried, not lost
+    assert_each_stored_once(db, [s for s in a if s.event_id in won_a] + [s for s in b if s.event_id in won_b])
+    assert_rollups_match(db, collections(a))
+
+
+async def test_rollups_keep_real_and_synthetic_apart(any_dsn, db):
+    t = tag()
+    minute = datetime(2021, 9, 1, 12, 30, tzinfo=UTC)
+    sale = lambda i, price, syn: Sale(  # noqa: E731
+        event_id=f"{t}-{i}", ts=minute + timedelta(seconds=i), collection=t, item_id=str(i), buyer="b", seller="s",
+        price=Decimal(price), currency="ETH", synthetic=syn)
+    batch = [sale(0, "2", False), sale(1, "4", False), sale(2, "1000", True), sale(3, "0.5", True)]
+    async with open_sink(any_dsn[0]) as sink:
+        await sink.write("sales", rows(batch))
+    for table, bucket in (("rollup_1m", minute), ("rollup_1h", minute.replace(minute=0))):
+        assert rollups(db, table, [t]) == {
+            (bucket, t, "ETH", False): (2, 0, Decimal(6), Decimal(2), Decimal(4)),
+            (bucket, t, "ETH", True): (2, 2, Decimal("1000.5"), Decimal("0.5"), Decimal(1000)),
+        }
+    assert_rollups_match(db, [t])
+
+
+async def test_a_stored_row_read_back_has_the_digest_it_was_stored_with(any_dsn, db):
+    """Identities backfilled by migration 002 have no digest; the sink digests
+    the stored row instead, so that must equal the digest of the row as sent."""
+    t = tag()
+    batch = make_sales(t, 200, seed=27)  # wei precision, zones other than UTC, NULL tx
+    async with open_sink(any_dsn[0]) as sink:
+        await sink.write("sales", rows(batch))
+    back = stored(db, "sales", collections(batch))
+    assert len(back) == 200
+    for s in batch:
+        assert row_digest(back[(s.event_id, s.ts)]) == row_digest(SALE_ROW(s))
+    assert_each_stored_once(db, batch)
+
+
+async def test_an_id_whose_stored_row_is_gone_is_still_never_stored_again(any_dsn, db):
+    """Retention may drop old chunks while event_ids keeps their ids. With no
+    digest (backfilled) and no row to digest, the ts still decides: another ts
+    is a conflict, the same ts a plain duplicate (the content cannot be told)."""
+    t = tag()
+    batch = make_sales(t, 6, seed=28)
+    async with open_sink(any_dsn[0]) as sink:
+        await sink.write("sales", rows(batch))
+        ids = [s.event_id for s in batch[:3]]
+        db.execute("DELETE FROM sales WHERE event_id = ANY(%s)", (ids,))
+        db.execute("UPDATE event_ids SET digest = NULL WHERE kind = 'sales' AND event_id = ANY(%s)", (ids,))
+        res = await sink.write("sales", rows([resent(batch[0], "ts"), resent(batch[1], "price"), batch[2]]))
+    assert res.new_keys == frozenset() and res.duplicates == 2
+    assert [(c.index, c.kept, c.differs) for c in res.conflicts] == [(0, None, ("ts",))]
+    assert "differs in content" not in res.conflicts[0].describe()
+    assert versions(db, "sales", ids) == {}
+    assert identities(db, "sales", ids) == {s.event_id: (s.ts, None) for s in batch[:3]}
+
+
+def _alert(alert_id: str, ts: datetime, collection: str, severity: str = "medium") -> tuple:
+    return (alert_id, ts, "sale_outlier", severity, "item", collection, psycopg.types.json.Jsonb({}), False)
+
+
+def test_an_alert_id_is_stored_once_whatever_its_ts(db):
+    """alerts is keyed (alert_id, ts) for the hypertable; its trigger keeps the id unique by itself."""
+    t = tag()
+    ins = ("INSERT INTO alerts (alert_id, ts, kind, severity, subject, collection, evidence, synthetic)"
+           " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING")
+    db.execute(ins, _alert(f"{t}-a", T0, t))
+    db.execute(ins, _alert(f"{t}-a", T0 + timedelta(hours=1), t, "high"))  # another ts: skipped
+    db.execute(ins, _alert(f"{t}-a", T0, t, "high"))  # the same key again: skipped
+    with db.cursor() as cur:  # several in one statement
+        cur.executemany(ins, [_alert(f"{t}-b", T0 + timedelta(days=i), t) for i in range(3)])
+    got = db.execute("SELECT alert_id, ts, severity FROM alerts WHERE collection = %s ORDER BY 1", (t,)).fetchall()
+    assert got == [(f"{t}-a", T0, "medium"), (f"{t}-b", T0, "medium")]
+    assert identities(db, "alerts", [f"{t}-a", f"{t}-b"]) == {f"{t}-a": (T0, None), f"{t}-b": (T0, None)}
+    db.execute("UPDATE alerts SET published_at = now() WHERE collection = %s", (t,))  # not for other tests' outbox
 
 
 # --- rows the database refuses (poison) -----------------------------------------------------
@@ -339,7 +565,8 @@ async def test_before_commit_rows_commit_with_the_batch(any_dsn, db):
     second = first[:10] + make_sales(t, 15, seed=8)
     seen = []
 
-    async def add_deadletters(conn, new_keys):
+    async def add_deadletters(conn, new_keys, conflicts):
+        assert conflicts == ()
         seen.append(new_keys)
         # a dependent row per new event, written in the sink's transaction
         for i, (event_id, _) in enumerate(sorted(new_keys)):
@@ -366,7 +593,7 @@ async def test_an_error_in_before_commit_stores_nothing(any_dsn, db, overlap):
     colls = collections(base)
     retries = []
 
-    async def fail(conn, new_keys):
+    async def fail(conn, new_keys, conflicts):
         await conn.execute(
             "INSERT INTO deadletters (topic, \"partition\", \"offset\", ts, reason, error)"
             " VALUES (%s, 0, 1, now(), 'test', 'x')", (t,)
@@ -418,7 +645,7 @@ async def test_a_killed_connection_is_retried(any_dsn, db):
 
     def on_retry(exc: BaseException) -> None:
         retries.append(exc)
-        metrics.sink_retries.labels(table="sales").inc()
+        metrics.sink_retries.labels(table="sales", reason=classify(exc).reason).inc()
 
     first, second = make_sales(t, 30, seed=11), make_sales(t, 30, seed=12)
     async with open_sink(dsn, on_retry=on_retry, retry_max_s=10) as sink:
@@ -431,7 +658,10 @@ async def test_a_killed_connection_is_retried(any_dsn, db):
         assert res.new_keys == keys(second)
     assert len(retries) == 1
     assert isinstance(retries[0], psycopg.OperationalError)
-    assert metrics.registry.get_sample_value("artwatch_infra_db_retries_total", {"table": "sales"}) == 1
+    reason = classify(retries[0]).reason
+    assert reason in RETRY_REASONS
+    assert metrics.registry.get_sample_value(
+        "artwatch_infra_db_retries_total", {"table": "sales", "reason": reason}) == 1
     assert set(stored(db, "sales", collections(first))) == keys(first) | keys(second)
     assert_rollups_match(db, collections(first))
 
@@ -446,7 +676,7 @@ async def test_a_connection_lost_inside_the_transaction_retries_the_whole_batch(
     calls: list[frozenset] = []
     batch = make_sales(t, 80, seed=13)
 
-    async def kill_first_time(conn, new_keys):
+    async def kill_first_time(conn, new_keys, conflicts):
         calls.append(new_keys)
         if len(calls) == 1:
             pid = conn.info.backend_pid
@@ -472,3 +702,162 @@ async def test_an_unreachable_database_turns_into_backpressure():
     assert all(isinstance(e, psycopg.OperationalError) for e in retries)
     assert info.value.retry_after > 0
     assert isinstance(info.value.__cause__, psycopg.OperationalError)
+
+
+# --- migration 002 on a database that already holds duplicates ----------------------------
+
+
+def _migrated_to_001(name: str, timescale: bool) -> str:
+    """A fresh database at schema 001 as an older artwatch left it (hypertables when ``timescale``)."""
+    from importlib import resources
+
+    from infra.db.migrate import HYPERTABLES
+    from tests.conftest import _fresh_database, unavailable
+
+    dsn = _fresh_database(name)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if timescale:
+            if conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone() is None:
+                unavailable("the timescaledb extension is not installed")
+            conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+        conn.execute("CREATE TABLE schema_migrations (version text PRIMARY KEY, applied_at timestamptz NOT NULL"
+                     " DEFAULT now())")
+        conn.execute((resources.files("infra.db") / "migrations" / "001_market_events.sql").read_text())
+        conn.execute("INSERT INTO schema_migrations (version) VALUES ('001_market_events')")
+        for table, (column, interval) in HYPERTABLES.items() if timescale else ():
+            conn.execute("SELECT create_hypertable(%s::regclass, %s, chunk_time_interval => %s::interval)",
+                         (table, column, interval))
+    return dsn
+
+
+@pytest.mark.parametrize("timescale", [True, False], ids=["timescale", "plain"])
+async def test_migration_002_keeps_the_first_version_and_rebuilds_rollups(timescale):
+    from infra.db.migrate import migrate
+
+    dsn = _migrated_to_001(f"artwatch_test_m002_{'ts' if timescale else 'plain'}_{os.getpid()}", timescale)
+    t = tag()
+    sales = make_sales(t, 40, seed=31)
+    twice, changed = sales[0], sales[1]
+    later_twice = msgspec_replace(twice, ts=twice.ts + timedelta(days=2))  # the old key let it in again
+    spec = TABLE_SPECS["sales"]
+    cols = sql.SQL(", ").join(map(sql.Identifier, spec.columns))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with conn.cursor() as cur:
+            cur.executemany(sql.SQL("INSERT INTO sales ({c}, stored_at) VALUES ({v}, %s)").format(
+                c=cols, v=sql.SQL(", ").join(sql.Placeholder() * len(spec.columns))),
+                [(*SALE_ROW(s), T0) for s in sales] + [(*SALE_ROW(later_twice), T0 + timedelta(days=9))])
+            # rollups as 001 kept them: real and synthetic mixed, one row per (collection, currency, minute)
+            conn.execute("INSERT INTO rollup_1m SELECT date_bin('1 minute', ts, 'epoch'), collection, 'sales',"
+                         " currency, count(*), count(*) FILTER (WHERE synthetic), sum(price), min(price), max(price)"
+                         " FROM sales GROUP BY 1, 2, 4")
+            for ts, sev in ((T0, "medium"), (T0 + timedelta(hours=1), "high")):  # one alert id twice
+                conn.execute("INSERT INTO alerts (alert_id, ts, kind, severity, subject, collection, evidence,"
+                             " synthetic) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)", _alert(f"{t}-al", ts, t, sev))
+
+        report = migrate(dsn, timescale="on" if timescale else "off")
+        assert report.applied[0] == "002_event_identity"
+        if timescale:
+            assert {"rollup_1m", "rollup_1h", "sales", "alerts"} <= set(report.hypertables)
+        # the first stored version of the id kept, the later one in deadletters
+        assert versions(conn, "sales", [twice.event_id]) == {twice.event_id: 1}
+        assert set(stored(conn, "sales", collections(sales))) == keys(sales)
+        (dl,) = conn.execute("SELECT topic, \"partition\", reason, error, value FROM deadletters"
+                             " WHERE key = %s", (twice.event_id.encode(),)).fetchall()
+        assert dl[:3] == ("sales", -1, "conflicting_duplicate") and "migration 002" in dl[3]
+        assert msgspec.json.decode(dl[4])["ts"].startswith(later_twice.ts.strftime("%Y-%m-%dT%H:%M"))
+        # every id backfilled, without a digest (filled by the sink when needed)
+        ids = {s.event_id for s in sales}
+        assert identities(conn, "sales", ids) == {s.event_id: (s.ts, None) for s in sales}
+        alerts = conn.execute("SELECT ts, severity FROM alerts WHERE collection = %s", (t,)).fetchall()
+        assert alerts == [(T0, "medium")]
+        # rollups rebuilt from the raw table, real and synthetic apart, minute and hour
+        assert_rollups_match(conn, collections(sales))
+        assert any(k[3] for k in rollups(conn, "rollup_1m", collections(sales))), "no synthetic rows to split"
+        # the trigger holds on an existing (hyper)table too
+        conn.execute("INSERT INTO alerts (alert_id, ts, kind, severity, subject, collection, evidence, synthetic)"
+                     " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)", _alert(f"{t}-al", T0 + timedelta(days=1), t))
+        assert conn.execute("SELECT count(*) FROM alerts WHERE collection = %s", (t,)).fetchone()[0] == 1
+
+        # The sink on backfilled ids: the stored row is digested, then compared.
+        async with open_sink(dsn) as sink:
+            res = await sink.write("sales", rows([sales[2], msgspec_replace(changed, price=changed.price + 1),
+                                                  later_twice]))
+        assert res.new_keys == frozenset() and res.duplicates == 1
+        assert [(c.index, c.differs, c.kept) for c in res.conflicts] == [
+            (1, ("price",), SALE_ROW(changed)), (2, ("ts",), SALE_ROW(twice)),
+        ]
+        got = identities(conn, "sales", [sales[2].event_id, changed.event_id, twice.event_id])
+        assert got[sales[2].event_id][1] == row_digest(SALE_ROW(sales[2]))  # filled from the stored row
+        assert got[changed.event_id][1] == row_digest(SALE_ROW(changed))
+        assert_rollups_match(conn, collections(sales))
+
+        # a second run changes nothing
+        assert migrate(dsn, timescale="on" if timescale else "off").applied == ()
+        assert set(stored(conn, "sales", collections(sales))) == keys(sales)
+
+
+# --- the pipeline's side: conflicting duplicates become dead letters ------------------------
+
+
+async def test_the_pipeline_dead_letters_a_conflicting_duplicate_and_drops_its_alert(broker, any_dsn, db):
+    """A re-sent sale with another ts and price would alert (its stored
+    version did not): it must end as a ``conflicting_duplicate`` dead letter,
+    with no alert stored, its rule window untouched."""
+    from aiokafka import AIOKafkaProducer
+
+    from alerts.kinds.sale_outlier import SaleOutlierRule
+    from infra.settings import Settings, TopicNames
+    from streams.pipeline import BatchPipeline, IncomingMessage
+    from streams.replay.publisher import ensure_topics
+
+    dsn = any_dsn[0]
+    run = uuid.uuid4().hex[:8]
+    settings = Settings(broker_url=broker, database_url=dsn, topics=TopicNames(
+        **{k: f"test-sink-{k}-{run}" for k in ("listings", "bids", "sales", "images", "alerts", "deadletter")}))
+    ensure_topics(broker, settings.topics, 1, include_outputs=True)
+    t = tag()
+    sale = lambda i, hours, price: Sale(  # noqa: E731
+        event_id=f"{t}-{i}", ts=T0 + timedelta(hours=hours), collection=t, item_id=str(i), buyer="b", seller="s",
+        price=Decimal(price), currency="ETH")
+    history = [sale(i, i, "1") for i in range(6)] + [sale(9, 10, "2")]  # sale 9: no alert (2 < 3 x 1)
+    resend = sale(9, 8, "20")  # same id, other ts and price: would alert at 20x
+    metrics = build_metrics(CollectorRegistry())
+    producer = AIOKafkaProducer(bootstrap_servers=broker, acks="all")
+    await producer.start()
+
+    async def publish(topic, key, value, headers):
+        return await producer.send(topic, value, key=key, headers=list(headers))
+
+    def messages(sales, first):
+        return [IncomingMessage(settings.topics.sales, 0, first + i, s.ts.timestamp(), s.item_id.encode(),
+                                msgspec.json.encode(s)) for i, s in enumerate(sales)]
+
+    try:
+        async with open_sink(dsn) as sink:
+            first = BatchPipeline("sales", settings, sink, metrics, publish,
+                                  rule=SaleOutlierRule(multiple=3.0, window=timedelta(days=7), min_history=5))
+            out = await first.process(messages(history, 0))
+            assert (out.stored, out.alerts) == (7, [])
+            # a fresh worker (cold rule): its window is warmed up to the resend's ts, so without
+            # the sink's identity the resend would be scored, alerted and stored a second time
+            rule = SaleOutlierRule(multiple=3.0, window=timedelta(days=7), min_history=5)
+            second = BatchPipeline("sales", settings, sink, metrics, publish, rule=rule)
+            # with a plain repeat of sale 5, the window is warmed from the 5 before it: 6 sales then
+            batch = await second.prepare(messages([resend, history[5]], 7))
+            assert [a.evidence["event_id"] for a in batch.alerts] == [resend.event_id]  # scored: 20x
+            out = await second.store(batch)
+    finally:
+        await producer.stop()
+    assert (out.received, out.stored, out.duplicates, out.deadlettered) == (2, 0, 1, 1)
+    assert [a for a in out.alerts if a.collection == t] == []  # (the outbox sends any test's pending alerts)
+    (dl,) = db.execute("SELECT \"offset\", reason, error FROM deadletters WHERE topic = %s",
+                       (settings.topics.sales,)).fetchall()
+    assert dl[:2] == (7, "conflicting_duplicate") and "price, ts" in dl[2] and resend.event_id in dl[2]
+    assert db.execute("SELECT count(*) FROM alerts WHERE collection = %s", (t,)).fetchone()[0] == 0
+    assert metrics.registry.get_sample_value(
+        "artwatch_streams_deadletter_total", {"topic": settings.topics.sales, "reason": "conflicting_duplicate"}) == 1
+    assert_each_stored_once(db, history)
+    assert_rollups_match(db, [t])
+    # the resend's version left the cold rule's window again; the stored sales are in it
+    probe = rule.observe(sale(99, 11, "1000"))
+    assert probe is not None and probe.evidence["window_sales"] == 6 and probe.evidence["median"] == "1"

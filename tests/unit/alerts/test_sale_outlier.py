@@ -272,7 +272,7 @@ def test_duplicates_before_min_history_do_not_count_twice():
 def test_warm_seeds_the_window():
     rule = SaleOutlierRule(multiple=3, window=WEEK, min_history=5)
     assert not rule.knows("punks", "ETH")
-    history = [(T0 + timedelta(hours=i), f"db{i}", Decimal("10")) for i in range(5)]
+    history = [(T0 + timedelta(hours=i), f"db{i}", Decimal("10"), False) for i in range(5)]
     rule.warm("punks", "ETH", history)
     assert rule.knows("punks", "ETH")
     assert not rule.knows("punks", "USD")
@@ -282,7 +282,7 @@ def test_warm_seeds_the_window():
 
 def test_warm_then_redelivery_of_a_stored_sale_is_not_alerted_or_counted():
     rule = SaleOutlierRule(multiple=3, window=WEEK, min_history=3)
-    history = [(T0 + timedelta(hours=i), f"db{i}", Decimal(p)) for i, p in enumerate(["10", "10", "10", "100"])]
+    history = [(T0 + timedelta(hours=i), f"db{i}", Decimal(p), False) for i, p in enumerate(["10", "10", "10", "100"])]
     rule.warm("punks", "ETH", reversed(history))  # order of the query does not matter
     assert rule.observe(sale("db3", T0 + timedelta(hours=3), 100)) is None
     # warming the same rows again (a second start) does not double count
@@ -297,12 +297,88 @@ def test_warm_with_empty_history_marks_the_key_known():
     assert rule.knows("punks", "ETH")
 
 
+# --- real and synthetic sales apart ---------------------------------------------------
+
+
+def test_a_real_sale_is_judged_only_against_real_sales():
+    rule = SaleOutlierRule(multiple=3, window=WEEK, min_history=3)
+    feed(rule, ["10"] * 3)  # real
+    feed(rule, ["1000"] * 10, prefix="syn", synthetic=True)  # cheap real sales look dear to synthetic ones
+    ev = probe(rule, T0 + timedelta(days=1))
+    assert (ev["window_sales"], ev["median"]) == (3, "10")  # none of the ten synthetic sales counted
+    alert = rule.observe(sale("real-40", T0 + timedelta(days=1), 40))
+    assert alert is not None and alert.synthetic is False and alert.evidence["median"] == "10"
+
+
+def test_a_synthetic_sale_is_judged_only_against_synthetic_sales():
+    rule = SaleOutlierRule(multiple=3, window=WEEK, min_history=3)
+    feed(rule, ["10"] * 5)  # real
+    feed(rule, ["100"] * 2, prefix="syn", synthetic=True)
+    # 2 synthetic sales known: below min_history, so silent, though 40x the real median
+    assert rule.observe(sale("syn-big", T0 + timedelta(days=1), 400, synthetic=True)) is None
+    # the third synthetic one makes history; judged against the synthetic median only
+    alert = rule.observe(sale("syn-big2", T0 + timedelta(days=1, hours=1), 1000, synthetic=True))
+    assert alert is not None and alert.synthetic is True
+    assert (alert.evidence["median"], alert.evidence["window_sales"]) == ("100", 3)
+    # and nothing synthetic moved the real window
+    ev = probe(rule, T0 + timedelta(days=2))
+    assert (ev["window_sales"], ev["median"]) == (5, "10")
+
+
+def test_warm_splits_history_by_kind_and_marks_both_known():
+    rule = SaleOutlierRule(multiple=3, window=WEEK, min_history=2)
+    history = [(T0 + timedelta(hours=i), f"db{i}", Decimal(p), syn)
+               for i, (p, syn) in enumerate([("10", False), ("500", True), ("10", False), ("500", True)])]
+    rule.warm("punks", "ETH", history)
+    assert rule.knows("punks", "ETH")
+    real = rule.observe(sale("r", T0 + timedelta(hours=5), 31))
+    assert real is not None and (real.evidence["median"], real.evidence["window_sales"]) == ("10", 2)
+    assert rule.observe(sale("s", T0 + timedelta(hours=5), 1000, synthetic=True)) is None  # 2x 500: no outlier
+    with pytest.raises(ValueError):  # a row without its kind is refused, never taken for a real sale
+        rule.warm("punks", "USD", [(T0, "x", Decimal(1))])
+
+
+def test_the_same_event_id_in_both_kinds_is_learnt_in_each():
+    """Windows are separate all the way: ids too (a conflicting duplicate that
+    flips ``synthetic`` is refused by the sink; the rule never mixes them)."""
+    rule = SaleOutlierRule(multiple=3, window=WEEK, min_history=1)
+    rule.observe(sale("same", T0, 10))
+    rule.observe(sale("same", T0, 10, synthetic=True))
+    assert probe(rule, T0 + timedelta(hours=1))["window_sales"] == 1
+    assert probe(rule, T0 + timedelta(hours=1), synthetic=True)["window_sales"] == 1
+
+
+def test_forget_removes_only_that_version_of_an_id():
+    """A conflicting duplicate (same id, other ts or price) must not take the stored version out."""
+    rule = SaleOutlierRule(multiple=3, window=WEEK, min_history=1)
+    feed(rule, [10, 20, 30])  # h0, h1, h2
+    other_price = sale("h1", T0 + timedelta(hours=1), 99)
+    other_time = sale("h1", T0 + timedelta(hours=1, minutes=5), 20)
+    other_kind = sale("h1", T0 + timedelta(hours=1), 20, synthetic=True)
+    for version in (other_price, other_time, other_kind):
+        assert rule.observe(version) is None or version is other_kind  # seen (or another window)
+        rule.forget(version)
+        ev = probe(rule, T0 + timedelta(hours=3))
+        assert (ev["window_sales"], ev["median"]) == (3, "20"), version
+    rule.forget(sale("h1", T0 + timedelta(hours=1), 20))  # the very version: gone
+    assert probe(rule, T0 + timedelta(hours=3))["window_sales"] == 2
+
+
+def test_learn_adds_without_scoring():
+    rule = SaleOutlierRule(multiple=3, window=WEEK, min_history=1)
+    feed(rule, [10])
+    rule.learn(sale("quiet", T0 + timedelta(hours=1), 1000))  # would alert if scored
+    rule.learn(sale("quiet", T0 + timedelta(hours=1), 1000))  # twice: once
+    ev = probe(rule, T0 + timedelta(hours=2))
+    assert ev["window_sales"] == 2
+
+
 # --- the alert itself ---------------------------------------------------------------
 
 
 def test_alert_fields_and_deterministic_id():
     rule = SaleOutlierRule(multiple=3, window=WEEK, min_history=3)
-    feed(rule, ["10"] * 3)
+    feed(rule, ["10"] * 3, synthetic=True)
     ts = T0 + timedelta(hours=10)
     alert = rule.observe(sale("0xdead", ts, "45", item_id="7804", synthetic=True))
     assert alert.alert_id == alert_id_for(KIND, "0xdead") == alert_id_for("sale_outlier", "0xdead")

@@ -22,14 +22,8 @@ ZONES = [UTC, timezone(timedelta(hours=8)), timezone(timedelta(hours=5, minutes=
 
 
 # --- fold ---------------------------------------------------------------------------
-
-
-def fold_both(rows) -> tuple[dict, dict | None]:
-    """``fold`` returns minute groups; hour groups too where it folds them in Python
-    (when it returns only minutes, the hour rollup is folded in SQL and checked by
-    tests/integration/test_sink.py against the event table)."""
-    out = fold(rows)
-    return out if isinstance(out, tuple) else (out, None)
+# fold returns (minute groups, hour groups), keyed (bucket, collection, currency,
+# synthetic); both levels are checked against the obvious computation below.
 
 
 def random_rows(seed: int, n: int) -> list[tuple[datetime, str, str, bool, Decimal]]:
@@ -52,24 +46,25 @@ def random_rows(seed: int, n: int) -> list[tuple[datetime, str, str, bool, Decim
 
 
 def reference(rows, unit: str) -> dict:
-    """The obvious computation: truncate the UTC time, then group."""
+    """The obvious computation: truncate the UTC time, then group (real and synthetic apart)."""
     groups: dict = defaultdict(list)
     for ts, collection, currency, synthetic, price in rows:
         utc = ts.astimezone(UTC)
         bucket = utc.replace(second=0, microsecond=0)
         if unit == "hour":
             bucket = bucket.replace(minute=0)
-        groups[(bucket, collection, currency)].append((synthetic, price))
+        groups[(bucket, collection, currency, synthetic)].append(price)
     out = {}
     with localcontext() as ctx:
         ctx.prec = 200  # exact for these inputs
-        for key, members in groups.items():
-            prices = [p for _, p in members]
-            out[key] = [len(members), sum(1 for s, _ in members if s), sum(prices, Decimal(0)), min(prices), max(prices)]
+        for key, prices in groups.items():
+            n = len(prices)
+            out[key] = [n, n if key[3] else 0, sum(prices, Decimal(0)), min(prices), max(prices)]
     return out
 
 
 def assert_groups_equal(got: dict, want: dict) -> None:
+    assert want, "an empty reference proves nothing"
     assert set(got) == set(want)
     for key, g in got.items():
         assert g == want[key], key
@@ -81,22 +76,37 @@ def assert_groups_equal(got: dict, want: dict) -> None:
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_fold_matches_reference(seed):
     rows = random_rows(seed, 5000)
-    minutes, hours = fold_both(rows)
+    minutes, hours = fold(rows)
     assert_groups_equal(minutes, reference(rows, "minute"))
-    assert sum(g[0] for g in minutes.values()) == len(rows)
-    if hours is not None:
-        assert_groups_equal(hours, reference(rows, "hour"))
-        assert sum(g[0] for g in hours.values()) == len(rows)
+    assert_groups_equal(hours, reference(rows, "hour"))
+    assert sum(g[0] for g in minutes.values()) == sum(g[0] for g in hours.values()) == len(rows)
+    assert len(hours) < len(minutes)  # the hour level really groups
+
+
+def test_fold_keeps_real_and_synthetic_apart():
+    """A synthetic sale never moves a real group's volume, min or max."""
+    t = datetime(2021, 1, 1, 10, 0, 30, tzinfo=UTC)
+    rows = [(t, "c", "ETH", False, Decimal(2)), (t, "c", "ETH", True, Decimal(1000)),
+            (t + timedelta(minutes=5), "c", "ETH", True, Decimal("0.5")), (t, "c", "ETH", False, Decimal(4))]
+    minutes, hours = fold(rows)
+    m, h = t.replace(second=0), t.replace(minute=0, second=0)
+    assert minutes[(m, "c", "ETH", False)] == [2, 0, Decimal(6), Decimal(2), Decimal(4)]
+    assert minutes[(m, "c", "ETH", True)] == [1, 1, Decimal(1000), Decimal(1000), Decimal(1000)]
+    assert hours == {
+        (h, "c", "ETH", False): [2, 0, Decimal(6), Decimal(2), Decimal(4)],
+        (h, "c", "ETH", True): [2, 2, Decimal("1000.5"), Decimal("0.5"), Decimal(1000)],
+    }
 
 
 def test_fold_keys_are_utc_bucket_starts():
     rows = random_rows(9, 2000)
-    minutes, hours = fold_both(rows)
-    for (bucket, _, _) in minutes:
+    minutes, hours = fold(rows)
+    assert minutes and hours
+    for (bucket, _, _, _) in minutes:
         assert bucket.tzinfo is not None and bucket.utcoffset() == timedelta(0)
         assert (bucket.second, bucket.microsecond) == (0, 0)
-    for (bucket, _, _) in hours or {}:
-        assert bucket.utcoffset() == timedelta(0)
+    for (bucket, _, _, _) in hours:
+        assert bucket.tzinfo is not None and bucket.utcoffset() == timedelta(0)
         assert (bucket.minute, bucket.second, bucket.microsecond) == (0, 0, 0)
 
 
@@ -105,38 +115,40 @@ def test_fold_groups_by_utc_time_not_local_time():
     ist = timezone(timedelta(hours=5, minutes=30))
     a = datetime(2021, 1, 1, 10, 20, 5, tzinfo=ist)
     b = datetime(2021, 1, 1, 10, 50, 59, tzinfo=ist)
-    minutes, hours = fold_both([(a, "c", "ETH", False, Decimal(1)), (b, "c", "ETH", True, Decimal(3))])
+    minutes, hours = fold([(a, "c", "ETH", False, Decimal(1)), (b, "c", "ETH", False, Decimal(3))])
     assert minutes == {
-        (datetime(2021, 1, 1, 4, 50, tzinfo=UTC), "c", "ETH"): [1, 0, Decimal(1), Decimal(1), Decimal(1)],
-        (datetime(2021, 1, 1, 5, 20, tzinfo=UTC), "c", "ETH"): [1, 1, Decimal(3), Decimal(3), Decimal(3)],
+        (datetime(2021, 1, 1, 4, 50, tzinfo=UTC), "c", "ETH", False): [1, 0, Decimal(1), Decimal(1), Decimal(1)],
+        (datetime(2021, 1, 1, 5, 20, tzinfo=UTC), "c", "ETH", False): [1, 0, Decimal(3), Decimal(3), Decimal(3)],
     }
     assert all(k[0].tzinfo is not None and k[0].utcoffset() == timedelta(0) for k in minutes)
-    if hours is None:
-        return
-    assert set(hours) == {
-        (datetime(2021, 1, 1, 4, tzinfo=UTC), "c", "ETH"),
-        (datetime(2021, 1, 1, 5, tzinfo=UTC), "c", "ETH"),
+    assert hours == {  # local time would put both in 10:00
+        (datetime(2021, 1, 1, 4, tzinfo=UTC), "c", "ETH", False): [1, 0, Decimal(1), Decimal(1), Decimal(1)],
+        (datetime(2021, 1, 1, 5, tzinfo=UTC), "c", "ETH", False): [1, 0, Decimal(3), Decimal(3), Decimal(3)],
     }
-    assert hours[(datetime(2021, 1, 1, 5, tzinfo=UTC), "c", "ETH")] == [1, 1, Decimal(3), Decimal(3), Decimal(3)]
 
 
-def test_fold_minute_edges():
+def test_fold_minute_and_hour_edges():
     t = datetime(2021, 1, 1, 10, 0, tzinfo=UTC)
     rows = [
         (t - timedelta(microseconds=1), "c", "ETH", False, Decimal("1")),
         (t, "c", "ETH", False, Decimal("2")),
         (t + timedelta(seconds=59, microseconds=999_999), "c", "ETH", False, Decimal("4")),
         (t + timedelta(seconds=60), "c", "ETH", False, Decimal("8")),
+        (t + timedelta(minutes=59, seconds=59, microseconds=999_999), "c", "ETH", False, Decimal("16")),
+        (t + timedelta(hours=1), "c", "ETH", False, Decimal("32")),
     ]
-    minutes, hours = fold_both(rows)
+    minutes, hours = fold(rows)
     assert minutes == {
-        (t - timedelta(minutes=1), "c", "ETH"): [1, 0, Decimal(1), Decimal(1), Decimal(1)],
-        (t, "c", "ETH"): [2, 0, Decimal(6), Decimal(2), Decimal(4)],
-        (t + timedelta(minutes=1), "c", "ETH"): [1, 0, Decimal(8), Decimal(8), Decimal(8)],
+        (t - timedelta(minutes=1), "c", "ETH", False): [1, 0, Decimal(1), Decimal(1), Decimal(1)],
+        (t, "c", "ETH", False): [2, 0, Decimal(6), Decimal(2), Decimal(4)],
+        (t + timedelta(minutes=1), "c", "ETH", False): [1, 0, Decimal(8), Decimal(8), Decimal(8)],
+        (t + timedelta(minutes=59), "c", "ETH", False): [1, 0, Decimal(16), Decimal(16), Decimal(16)],
+        (t + timedelta(hours=1), "c", "ETH", False): [1, 0, Decimal(32), Decimal(32), Decimal(32)],
     }
-    assert hours is None or hours == {
-        (t - timedelta(hours=1), "c", "ETH"): [1, 0, Decimal(1), Decimal(1), Decimal(1)],
-        (t, "c", "ETH"): [3, 0, Decimal(14), Decimal(2), Decimal(8)],
+    assert hours == {
+        (t - timedelta(hours=1), "c", "ETH", False): [1, 0, Decimal(1), Decimal(1), Decimal(1)],
+        (t, "c", "ETH", False): [4, 0, Decimal(30), Decimal(2), Decimal(16)],
+        (t + timedelta(hours=1), "c", "ETH", False): [1, 0, Decimal(32), Decimal(32), Decimal(32)],
     }
 
 
@@ -144,7 +156,12 @@ def test_fold_min_max_in_any_order():
     t = datetime(2021, 1, 1, tzinfo=UTC)
     prices = [Decimal(p) for p in ("5", "3", "9", "1", "9.5", "0", "7")]
     for order in (prices, prices[::-1], sorted(prices), sorted(prices, reverse=True)):
-        (m,) = fold_both([(t, "c", "ETH", False, p) for p in order])[0].values()
+        # one minute apart each: the hour's min and max come from different minute groups
+        minutes, hours = fold([(t + timedelta(minutes=i), "c", "ETH", False, p) for i, p in enumerate(order)])
+        assert len(minutes) == 7
+        (h,) = hours.values()
+        assert h == [7, 0, Decimal("34.5"), Decimal(0), Decimal("9.5")]
+        (m,) = fold([(t, "c", "ETH", False, p) for p in order])[0].values()
         assert m == [7, 0, Decimal("34.5"), Decimal(0), Decimal("9.5")]
 
 
@@ -152,13 +169,15 @@ def test_fold_sums_beyond_the_default_decimal_precision():
     """Prices carry up to ~39 digits (1e-18 to 1e21); the volume must be exact, as numeric is."""
     t = datetime(2021, 1, 1, 10, 0, tzinfo=timezone.utc)
     prices = [Decimal("10000000000"), Decimal("0.000000000000000001"), Decimal("999999999999999999999.999999999999999999")]
-    (group,) = fold((t, "c", "ETH", False, p) for p in prices).values()
+    # the last one a minute later: the hour sums across minute groups, also exactly
+    minutes, hours = fold((t + timedelta(minutes=i // 2), "c", "ETH", False, p) for i, p in enumerate(prices))
+    assert len(minutes) == 2
+    (group,) = hours.values()
     assert str(group[2]) == "1000000000010000000000.000000000000000000"
 
 
 def test_fold_empty():
-    minutes, hours = fold_both([])
-    assert minutes == {} and hours in (None, {})
+    assert fold([]) == ({}, {})
 
 
 def test_fold_accepts_an_iterator():
