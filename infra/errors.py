@@ -16,8 +16,13 @@ class StackError(ArtwatchError):
 
 
 class SinkBackpressure(ArtwatchError):
-    """The database cannot take writes now; retry after ``retry_after`` seconds."""
+    """The database cannot take writes now; retry after ``retry_after`` seconds.
 
-    def __init__(self, message: str, retry_after: float) -> None:
+    ``reason`` is the last transient failure's class (``infra.db.sink.classify``),
+    e.g. ``connection`` or ``lock_timeout``.
+    """
+
+    def __init__(self, message: str, retry_after: float, reason: str = "connection") -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.reason = reason

@@ -102,6 +102,8 @@ class Metrics:
     sink_batch_rows: Histogram
     sink_batch_seconds: Histogram
     sink_retries: Counter
+    health: Gauge
+    paused_partitions: Gauge
     event_to_stored: BulkHistogram
     event_time_to_stored: BulkHistogram
     consumer_lag: Gauge
@@ -153,8 +155,21 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             buckets=_LATENCY_BUCKETS, registry=r,
         ),
         sink_retries=Counter(
-            "artwatch_infra_db_retries", "Sink transactions retried after a transient database error.",
-            ["table"], registry=r,
+            "artwatch_infra_db_retries",
+            "Sink transactions retried after a transient database error, by its class (reason:"
+            " infra.db.sink.RETRY_REASONS, e.g. connection, lock_timeout, statement_timeout, serialization).",
+            ["table", "reason"], registry=r,
+        ),
+        health=Gauge(
+            "artwatch_streams_health_ratio",
+            "The worker's /health status as a number: 1 ready, 0.5 degraded (waiting for the database or the"
+            " broker), 0 failing (starting, or stopped by an error).",
+            registry=r,
+        ),
+        paused_partitions=Gauge(
+            "artwatch_streams_paused_partitions",
+            "Input partitions the batch engine paused while a batch waits for the database.",
+            registry=r,
         ),
         event_to_stored=BulkHistogram(
             "artwatch_streams_event_to_stored_seconds",

@@ -12,15 +12,17 @@ from __future__ import annotations
 import logging
 import os
 from datetime import timedelta
-from typing import Optional
+from typing import Callable, Optional
 
 import faust
 
 from alerts.kinds.sale_outlier import SaleOutlierRule
+from infra.db.failures import classify, describe
 from infra.db.sink import EventSink
+from infra.health import DEGRADED, FAILING, Health
 from infra.metrics import Metrics, build_metrics
 from infra.settings import Settings
-from streams.batch_ingest import BatchIngest
+from streams.batch_ingest import BatchIngest, wait_out
 from streams.pipeline import BatchPipeline, IncomingMessage
 from streams.storage import TABLE_SPECS
 
@@ -34,17 +36,25 @@ AGENT_KINDS = ("sales", "listings", "bids", "images")
 def _die(reason: str, exc: BaseException) -> None:
     """Stop the process without committing offsets.
 
-    faust's ``take()`` acks its buffered events in a ``finally`` when the agent
-    generator is closed, so letting a failed batch propagate could commit
-    offsets of rows that were never stored. Exiting here keeps the last
-    committed offset before the failed batch; the restarted worker replays it.
+    Only for what waiting cannot fix (transient failures are waited out, see
+    ``streams.batch_ingest.wait_out``): a deterministic database error (disk
+    full, a missing table or privilege) is reported in one line, anything
+    else (a bug) with its traceback. faust's ``take()`` acks its buffered
+    events in a ``finally`` when the agent generator is closed, so letting a
+    failed batch propagate could commit offsets of rows that were never
+    stored. Exiting here keeps the last committed offset before the failed
+    batch; the restarted worker replays it.
     """
-    log.critical("%s: %r; exiting without committing offsets", reason, exc, exc_info=exc)
+    failure = classify(exc)
+    if failure.sqlstate is not None:
+        log.critical("stopping: %s: database error %s; exiting without committing offsets", reason, describe(exc))
+    else:
+        log.critical("stopping: %s: %r; exiting without committing offsets", reason, exc, exc_info=exc)
     logging.shutdown()
     os._exit(70)
 
 
-def create_app(settings: Settings, metrics: Optional[Metrics] = None) -> faust.App:
+def create_app(settings: Settings, metrics: Optional[Metrics] = None, health: Optional[Health] = None) -> faust.App:
     """Build the worker's Faust app.
 
     Parameters
@@ -53,8 +63,21 @@ def create_app(settings: Settings, metrics: Optional[Metrics] = None) -> faust.A
         The run's settings.
     metrics
         Where to count; a fresh registry when None.
+    health
+        What /health reports (``infra.health``); a fresh one when None.
     """
     metrics = metrics or build_metrics()
+    health = health if health is not None else Health(metrics.health)
+
+    def fatal(reason: str, exc: BaseException) -> None:
+        health.set("fatal", FAILING, f"{reason}: {describe(exc)}")  # seen by a scrape in the last moment
+        _die(reason, exc)
+
+    def on_retry(kind: str, exc: BaseException) -> None:
+        failure = classify(exc)
+        metrics.sink_retries.labels(table=kind, reason=failure.reason).inc()
+        health.set("database", DEGRADED, f"retrying ({describe(exc)})")
+
     dsn = settings.dsn()
     w = settings.worker
     app = faust.App(
@@ -99,9 +122,14 @@ def create_app(settings: Settings, metrics: Optional[Metrics] = None) -> faust.A
             dsn,
             [TABLE_SPECS[kind]],
             retry_max_s=w.sink_retry_max_s,
-            on_retry=lambda exc: metrics.sink_retries.labels(table=kind).inc(),
+            on_retry=lambda exc: on_retry(kind, exc),
             # One more than the batches in flight: the rule's warm-up reads too.
             connections=w.max_in_flight + 1,
+            connect_timeout_s=w.db_connect_timeout_s,
+            statement_timeout_s=w.db_statement_timeout_s,
+            lock_timeout_s=w.db_lock_timeout_s,
+            backoff_max_s=w.sink_retry_backoff_max_s,
+            on_recovered=lambda: health.clear("database"),
         )
         return BatchPipeline(kind, settings, sink, metrics, publish, rule=rule)
 
@@ -113,9 +141,13 @@ def create_app(settings: Settings, metrics: Optional[Metrics] = None) -> faust.A
         try:
             for topic in outputs:  # brokers may not auto-create topics
                 await topic.maybe_declare()
-            resent = (await sales.outbox.flush(force=True)).alerts
+            flushed = await wait_out("publishing pending alerts", lambda: sales.outbox.flush(force=True), health,
+                                     w.sink_retry_backoff_max_s)
+            resent = flushed.alerts
         except Exception as exc:  # noqa: BLE001 - see _die
-            _die("declaring output topics or publishing pending alerts failed", exc)
+            fatal("declaring output topics or publishing pending alerts failed", exc)
+        if w.engine == "agents":  # the batch engine says so itself, once it fetches
+            health.clear("start")
         for a in resent:
             metrics.alerts_emitted.labels(kind=a.kind).inc()
         if resent:
@@ -127,18 +159,20 @@ def create_app(settings: Settings, metrics: Optional[Metrics] = None) -> faust.A
         their tables; once their lease runs out, this sends them again."""
         try:
             resent = await sales.outbox.flush(force=True)
-        except Exception:  # noqa: BLE001 - the next tick tries again; ingest is not affected
-            log.warning("re-sending parked outbox rows failed; trying again in 30 s", exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - the next tick tries again; ingest is not affected
+            # A traceback only for what is not an outage (every 30 s through a long one would be noise).
+            log.warning("re-sending parked outbox rows failed (%s); trying again in 30 s", describe(exc),
+                        exc_info=not classify(exc).transient)
             return
         for a in resent.alerts:
             metrics.alerts_emitted.labels(kind=a.kind).inc()
 
     if w.engine == "batch":
-        ingest = BatchIngest(settings, pipelines, metrics, _die, loop=app.loop, beacon=app.beacon)
+        ingest = BatchIngest(settings, pipelines, metrics, fatal, health, loop=app.loop, beacon=app.beacon)
         app._extra_services.append(ingest)  # faust's @app.service, for an instance
     else:
         for name, p in pipelines.items():
-            _add_ingest_agent(app, raw_topic(name), p, w.batch_size, w.batch_within_s)
+            _add_ingest_agent(app, raw_topic(name), p, settings, health, fatal)
         _add_lag_timer(app, metrics, set(pipelines))
     return app
 
@@ -159,19 +193,24 @@ def _add_lag_timer(app: faust.App, metrics: Metrics, topics: set[str]) -> None:
             metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(max(0, lag))
 
 
-def _add_ingest_agent(app: faust.App, topic, pipeline: BatchPipeline, size: int, within: float) -> None:
-    """The Faust agent engine: same pipeline, batches from ``take_events``."""
+def _add_ingest_agent(app: faust.App, topic, pipeline: BatchPipeline, settings: Settings, health: Health,
+                      fatal: Callable[[str, BaseException], None]) -> None:
+    """The Faust agent engine: same pipeline, batches from ``take_events``;
+    outages are waited out in the agent (Faust's flow control stops fetching
+    once its buffers are full; no partition pausing here)."""
+    w = settings.worker
 
     async def ingest(stream) -> None:
-        async for events in stream.take_events(size, within=within):
+        async for events in stream.take_events(w.batch_size, within=w.batch_within_s):
             batch = [
                 IncomingMessage(m.topic, m.partition, m.offset, m.timestamp, m.key, m.value)
                 for m in (e.message for e in events)
             ]
             try:
-                await pipeline.process(batch)
+                await wait_out(f"storing a batch of {pipeline.kind}", lambda: pipeline.process(batch), health,
+                               w.sink_retry_backoff_max_s)
             except Exception as exc:  # noqa: BLE001 - see _die
-                _die(f"{pipeline.kind} batch at {batch[0].topic}[{batch[0].partition}]@{batch[0].offset} failed", exc)
+                fatal(f"{pipeline.kind} batch at {batch[0].topic}[{batch[0].partition}]@{batch[0].offset} failed", exc)
 
     ingest.__name__ = ingest.__qualname__ = f"ingest_{pipeline.kind}"
     app.agent(topic, name=f"artwatch.ingest_{pipeline.kind}")(ingest)

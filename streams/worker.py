@@ -4,6 +4,7 @@ that the demo, the benchmark and the tests start, watch and stop."""
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import re
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Optional
@@ -26,13 +28,13 @@ log = logging.getLogger(__name__)
 
 
 def run_worker(settings: Settings, parent_pid: Optional[int] = None) -> None:
-    """Migrate, serve metrics, run the Faust worker until SIGTERM/SIGINT (or,
-    with ``parent_pid``, until that process is gone)."""
+    """Serve metrics and health, migrate (waiting for the database however
+    long it takes), run the Faust worker until SIGTERM/SIGINT (or, with
+    ``parent_pid``, until that process is gone)."""
     import faust
     import uvloop
-    from prometheus_client import start_http_server
 
-    from infra.db.migrate import migrate
+    from infra.health import FAILING, Health, serve
     from infra.metrics import build_metrics
     from streams.app import create_app
 
@@ -41,20 +43,82 @@ def run_worker(settings: Settings, parent_pid: Optional[int] = None) -> None:
     uvloop.install()
     if parent_pid is not None:
         _exit_with_parent(parent_pid)
-    report = migrate(settings.dsn(), timescale=settings.timescale)
-    log.info("schema ready (timescale=%s, applied=%s)", report.timescale, list(report.applied) or "none")
     metrics = build_metrics()
-    if settings.worker.metrics_port:
-        w = settings.worker
-        start_http_server(w.metrics_port, addr=w.metrics_bind, registry=metrics.registry)
-        log.info("metrics on http://%s:%d/metrics", w.metrics_bind, w.metrics_port)
+    health = Health(metrics.health)
+    health.set("start", FAILING, "starting")
+    w = settings.worker
+    if w.metrics_port:  # first, so a worker waiting for its database can be watched
+        serve(health, metrics.registry, w.metrics_bind, w.metrics_port)
+        log.info("metrics on http://%s:%d/metrics, health on /health", w.metrics_bind, w.metrics_port)
+    report = _migrate_when_reachable(settings, health)
+    log.info("schema ready (timescale=%s, applied=%s)", report.timescale, list(report.applied) or "none")
+    health.set("start", FAILING, "starting: joining the consumer group")
     (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)  # faust makes only its own folder in it
-    app = create_app(settings, metrics)
+    app = create_app(settings, metrics, health)
+    _quiet_repeats("aiokafka")
     # Each event allocates a handful of short-lived objects; the default gen-0
     # threshold (700) runs the cycle collector every few dozen events.
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
     faust.Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+
+
+class _Repeats(logging.Filter):
+    """One record per (logger, level, message template) per ``every`` seconds."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        super().__init__()
+        self.every = every
+        self._last: dict[tuple, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, str(record.msg))
+        now = time.monotonic()
+        if now - self._last.get(key, float("-inf")) < self.every:
+            return False
+        self._last[key] = now
+        return True
+
+
+def _quiet_repeats(package: str) -> None:
+    """aiokafka logs every reconnect attempt (dozens of lines a second while a
+    broker is away): keep one of each kind per ~10 s. Its loggers exist once
+    its modules are imported (by faust, in create_app)."""
+    repeats = _Repeats(10.0)
+    for name in list(logging.Logger.manager.loggerDict):
+        if name == package or name.startswith(package + "."):
+            logging.getLogger(name).addFilter(repeats)
+
+
+def _migrate_when_reachable(settings: Settings, health):
+    """``migrate``, retried while the database is unreachable (transient
+    errors, ``infra.db.failures``) with backoff up to 10 s, one log line per
+    step at most every ~10 s and /health degraded meanwhile; a deterministic
+    error (a missing extension, no privilege) is raised at once."""
+    import psycopg
+
+    from infra.db.failures import classify, describe
+    from infra.db.migrate import migrate
+    from infra.health import DEGRADED
+    from infra.retry import Backoff, Throttle
+    from infra.stack import mask_dsn
+
+    # A bounded connect: a database behind a blackholed address would otherwise wait for the OS (minutes).
+    dsn = psycopg.conninfo.make_conninfo(settings.dsn(), connect_timeout=settings.worker.db_connect_timeout_s)
+    backoff, say = Backoff(0.5, 10.0), Throttle(10.0)
+    started = time.monotonic()
+    while True:
+        try:
+            return migrate(dsn, timescale=settings.timescale)
+        except Exception as exc:  # noqa: BLE001 - sorted by classify: wait, or raise
+            if not classify(exc).transient:
+                raise
+            delay = backoff.next()
+            health.set("start", DEGRADED, f"waiting for the database to migrate: {describe(exc)}")
+            if say.ready():
+                log.warning("waiting for the database at %s (%.0fs so far): %s; next try in %.1fs",
+                            mask_dsn(settings.dsn()), time.monotonic() - started, describe(exc), delay)
+            time.sleep(delay)
 
 
 def _exit_with_parent(pid: int) -> None:
@@ -141,6 +205,16 @@ class WorkerProcess:
             key = name.removeprefix("artwatch_streams_").removeprefix("artwatch_")
             out[key] = out.get(key, 0.0) + float(value)
         return out
+
+    def health(self) -> tuple[int, dict]:
+        """``(HTTP status, {"status": ..., "reason": ...})`` of its /health."""
+        url = f"http://127.0.0.1:{self.settings.worker.metrics_port}/health"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:  # 503: failing, with the same JSON body
+            with exc:
+                return exc.code, json.loads(exc.read())
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
