@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal, Optional
+from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,6 +39,23 @@ class ValidationSettings(_Section):
     max_future_skew_s: float = Field(300.0, gt=0)
     # Images above 512 KiB travel by uri (architecture); 1 MiB leaves room for base64 + JSON.
     max_message_bytes: int = Field(1_048_576, gt=0)
+    # An inline image whose header declares more pixels is refused (a 50,000 x
+    # 50,000 PNG bomb is ~40 KB); 40 MP is 160 MB as RGBA.
+    image_max_pixels: int = Field(40_000_000, gt=0)
+    # Image uris: allowed schemes, and hosts ("cdn.example.org" itself,
+    # "*.example.org" its subdomains). No hosts: any public DNS name, never an
+    # IP literal, localhost or an intranet name (streams/image_checks.py).
+    image_uri_schemes: tuple[str, ...] = ("https",)
+    image_uri_hosts: tuple[str, ...] = ()
+
+    @field_validator("image_uri_schemes", "image_uri_hosts")
+    @classmethod
+    def _lower(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        # Schemes and host names compare case-insensitively.
+        out = tuple(v.strip().lower() for v in values)
+        if not all(out) or any(c in v for v in out for c in ":/@ "):
+            raise ValueError(f"entries must be bare schemes or host names (no ':', '/', '@'), got {values}")
+        return out
 
 
 class WorkerSettings(_Section):
@@ -52,7 +70,18 @@ class WorkerSettings(_Section):
     # batch: fetch-sized batches with manual commits inside the Faust worker
     # (streams/batch_ingest.py explains why); agents: one Faust agent per topic.
     engine: Literal["batch", "agents"] = "batch"
+    # How long one store retries transient database errors (backoff capped at
+    # sink_retry_backoff_max_s, jittered) before the batch engine takes over:
+    # it pauses its partitions, reports degraded and waits on, however long.
     sink_retry_max_s: float = Field(30.0, gt=0)
+    sink_retry_backoff_max_s: float = Field(5.0, gt=0)
+    # Every wait on the database has a limit: libpq connect (whole seconds, at
+    # least 2), each statement, each lock wait. A timeout counts as transient.
+    db_connect_timeout_s: int = Field(5, ge=2, le=300)
+    db_statement_timeout_s: float = Field(60.0, gt=0)
+    db_lock_timeout_s: float = Field(10.0, gt=0)
+    # Offset commits and log-end queries; a commit past it is kept for the next one.
+    broker_timeout_s: float = Field(30.0, gt=0)
     # One send to the alerts or dead-letter topic and its acknowledgement; past
     # it the message is parked in its table and re-sent later (streams/outbox.py).
     publish_timeout_s: float = Field(30.0, gt=0)
@@ -93,6 +122,9 @@ class Settings(BaseSettings):
     database_url: Optional[SecretStr] = None
     data_dir: Path = Path("var")
     embedded_pg_port: int = Field(54329, ge=1, le=65535)
+    # The embedded broker's storage: s3 (Tansu over a local SeaweedFS in
+    # ``data_dir/stack/s3``, kept across restarts) or memory (lost on restart).
+    broker_storage: Literal["s3", "memory"] = "s3"
     # How the worker's start-up migration treats TimescaleDB: auto (use it when
     # installed), on (require it), off (keep plain tables even when installed).
     timescale: Literal["auto", "on", "off"] = "auto"
@@ -131,8 +163,23 @@ class Settings(BaseSettings):
     def stack_dir(self) -> Path:
         return self.data_dir / "stack"
 
+    @property
+    def pg_passfile(self) -> Path:
+        """The embedded server's password file (pgpass format, 0600), made by the stack."""
+        return self.stack_dir.absolute() / "pg.pass"
+
     def dsn(self) -> str:
-        """The database the project uses: the given URL, else the embedded server."""
+        """The database the project uses: the given URL, else the embedded server.
+
+        The embedded server's password stays in its pgpass file: libpq reads
+        it through ``passfile``, so the secret is in no DSN, log or process list.
+
+        Examples
+        --------
+        >>> Settings(data_dir="/srv/a b", database_url=None, embedded_pg_port=54329).dsn()
+        'postgresql://postgres@127.0.0.1:54329/postgres?passfile=/srv/a%20b/stack/pg.pass'
+        """
         if self.database_url is not None:
             return self.database_url.get_secret_value()
-        return f"postgresql://postgres@127.0.0.1:{self.embedded_pg_port}/postgres"
+        passfile = quote(str(self.pg_passfile), safe="/")
+        return f"postgresql://postgres@127.0.0.1:{self.embedded_pg_port}/postgres?passfile={passfile}"

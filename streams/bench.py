@@ -10,7 +10,10 @@ raw_copy_rows_per_s  plain COPY of the same rows into the same table.
 
 Events are synthetic sales timestamped like a live feed at ~20,000/s (a
 market that busy fills minute buckets; spreading them over years would make
-every rollup row unique). Everything runs in a throwaway schema and topics.
+every rollup row unique). Everything runs in a throwaway schema and topics,
+on a broker of the bench's own: ``broker_storage`` s3 (the durable default),
+memory, or both, which runs the pipeline on each and reports ``s3_vs_memory``,
+what durability costs.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ import os
 import platform
 import random
 import shutil
+import socket
 import tempfile
 import threading
 import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
+from typing import Optional
 
 import msgspec
 import psycopg
@@ -138,7 +143,7 @@ async def _sink_vs_copy(dsn: str, rows: list[tuple], batch: int, rounds: int) ->
         types = await column_types(conn, "sales", spec.columns)
         copy_sql = spec.copy_sql
         for _ in range(rounds):
-            await conn.execute("TRUNCATE sales, rollup_1m, rollup_1h")
+            await conn.execute("TRUNCATE sales, event_ids, rollup_1m, rollup_1h")  # event_ids: the ids are new again
             await conn.commit()
             t = time.perf_counter()
             for i in range(0, len(rows), batch):
@@ -160,95 +165,140 @@ async def _sink_vs_copy(dsn: str, rows: list[tuple], batch: int, rounds: int) ->
     return best_sink, best_copy
 
 
-def bench_ingest(settings: Settings, events: int = 100_000, rounds: int = 2, workers: int = 1) -> dict:
-    """Run the ingest benchmark; returns the figures (see module docstring)."""
+def bench_ingest(settings: Settings, events: int = 100_000, rounds: int = 2, workers: int = 1,
+                 broker_storage: Optional[str] = None) -> dict:
+    """Run the ingest benchmark; returns the figures (see module docstring).
+
+    ``broker_storage``: ``"s3"``, ``"memory"``, ``"both"`` (one pipeline run on
+    each, s3 first, and their ratios in ``s3_vs_memory``) or None (the
+    configured ``settings.broker_storage``). Each run has its own broker.
+    """
     if events < 1:
         raise ArtwatchError("--events must be >= 1")
     if workers < 1:
         raise ArtwatchError("--workers must be >= 1")
-    from streams.replay.publisher import ensure_topics
+    if broker_storage not in (None, "s3", "memory", "both"):
+        raise ArtwatchError(f"--broker-storage must be s3, memory or both, got {broker_storage!r}")
+    modes = ["s3", "memory"] if broker_storage == "both" else [broker_storage or settings.broker_storage]
 
     stack = Stack(settings)
-    mine = Stack.started(stack.up())  # stopped at the end
+    mine = Stack.started(stack.up(services=("database",)))  # the configured database; stopped at the end
     run = f"{int(time.time())}{os.getpid()}"
     schema = f"bench_{run}"
     base_dsn = settings.dsn()
     dsn = _with_schema(base_dsn, schema)
-    names = {k: f"bench-{k}-{run}" for k in ("listings", "bids", "sales", "images", "alerts", "deadletter")}
-    logdir = Path(tempfile.mkdtemp(prefix="artwatch-bench-"))  # worker logs and data; kept only on failure
-    bench = settings.model_copy(update={
-        "app_id": f"artwatch-bench-{run}", "database_url": SecretStr(dsn), "topics": TopicNames(**names),
-        "data_dir": logdir,
-    })
-    fleet = [
-        WorkerProcess(with_free_ports(bench), logdir / f"worker-{i}.log")
-        for i in range(workers)
-    ]
+    root = Path(tempfile.mkdtemp(prefix="artwatch-bench-"))  # brokers, worker logs and data; kept only on failure
+    by_mode: dict[str, dict] = {}
     try:
         with psycopg.connect(base_dsn, autocommit=True) as conn:
             conn.execute(f'CREATE SCHEMA "{schema}"')
         timescale = migrate(dsn, timescale=settings.timescale).timescale
-        ensure_topics(settings.broker_url, bench.topics, settings.worker.partitions, include_outputs=True)
         sales = bench_sales(events + 1)
         items = [(s.item_id.encode(), msgspec.json.encode(s)) for s in sales]
-        log.info("bench: %d events, %d worker(s), logs in %s", events, workers, logdir)
-        for w in fleet:
-            w.start()
-        for w in fleet:  # the last to own partitions closes the group's rebalance
-            w.wait_ready()
-        _produce(settings.broker_url, names["sales"], items[:1])  # warm-up: connection, chunk, caches
-        _wait_stored(fleet, 1, timeout=60)  # warm-up
-
-        produced: dict[str, float] = {}
-
-        def produce_timed() -> None:
-            _produce(settings.broker_url, names["sales"], items[1:])
-            produced["s"] = time.perf_counter() - t0
-
-        producer = threading.Thread(target=produce_timed)
-        t0, wall0 = time.perf_counter(), time.time()
-        producer.start()
-        # The end mark is the worker's own last-commit time, so polling can be
-        # slow (scrapes cost the worker CPU) without blurring the figure.
-        last_commit, per_worker = _wait_stored(fleet, events + 1, timeout=max(120, events / 1000))
-        pipeline_s = last_commit - wall0
-        producer.join()
-        with psycopg.connect(dsn) as conn:
-            stored = conn.execute("SELECT count(*) FROM sales").fetchone()[0]
-        if stored != events + 1:
-            raise ArtwatchError(f"bench: {stored} rows stored for {events + 1} events")
-        for w in fleet:
-            w.stop()
-
-        raw_eps = asyncio.run(_raw_consume(settings.broker_url, names["sales"], events + 1))
+        for mode in modes:
+            if by_mode:  # the same events again, into empty tables
+                _empty_tables(dsn, schema)
+            by_mode[mode] = _bench_pipeline(settings, mode, dsn, f"{run}-{mode}", items, workers, root / mode)
         rows = [row_builder("sales")(s) for s in sales]
         sink_rps, copy_rps = asyncio.run(_sink_vs_copy(dsn, rows, settings.worker.batch_size, rounds))
     finally:
-        for w in fleet:
-            w.kill()
-        _cleanup(base_dsn, schema, settings.broker_url, list(names.values()))
+        _drop_schema(base_dsn, schema)
         if mine:
             stack.down(services=mine)
-    shutil.rmtree(logdir, ignore_errors=True)
-    pipeline_eps = events / pipeline_s
-    return {
+    shutil.rmtree(root, ignore_errors=True)
+    first = by_mode[modes[0]]
+    result = {
         "events": events,
-        "pipeline_eps": round(pipeline_eps),
-        "raw_consume_eps": round(raw_eps),
-        "ratio": round(pipeline_eps / raw_eps, 4),
-        "produce_eps": round(events / produced["s"]),
+        "broker_storage": broker_storage or settings.broker_storage,
+        **{k: first[k] for k in ("pipeline_eps", "raw_consume_eps", "ratio", "produce_eps")},
         "sink_rows_per_s": round(sink_rps),
         "raw_copy_rows_per_s": round(copy_rps),
         "sink_ratio": round(sink_rps / copy_rps, 3),
+        "storage": by_mode,
         "engine": settings.worker.engine,
         "workers": workers,
-        "stored_per_worker": per_worker,
+        "stored_per_worker": first["stored_per_worker"],
         "batch_size": settings.worker.batch_size,
         "partitions": settings.worker.partitions,
         "timescale": timescale,
         "rows_verified": events + 1,
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpu, Python {platform.python_version()}",
     }
+    if len(by_mode) == 2:  # what durability costs, measured in the same run
+        s3, memory = by_mode["s3"], by_mode["memory"]
+        result["s3_vs_memory"] = {k: round(s3[k] / memory[k], 3)
+                                  for k in ("pipeline_eps", "raw_consume_eps", "produce_eps")}
+    return result
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _empty_tables(dsn: str, schema: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        tables = [r[0] for r in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = %s AND tablename <> 'schema_migrations'", (schema,))]
+        conn.execute("TRUNCATE " + ", ".join(f'"{schema}"."{t}"' for t in tables))
+
+
+def _bench_pipeline(settings: Settings, storage: str, dsn: str, run: str, items: list[tuple[bytes, bytes]],
+                    workers: int, workdir: Path) -> dict:
+    """One pipeline run on a fresh broker of its own with ``storage``, into
+    ``dsn``'s empty tables: the timed end-to-end figure and the raw-consume baseline."""
+    events = len(items) - 1
+    # A broker of its own (free port, data under workdir): the same start for
+    # each storage, and nothing left in the user's durable broker.
+    own = settings.model_copy(update={"broker_url": f"127.0.0.1:{_free_port()}", "broker_storage": storage,
+                                      "data_dir": workdir})
+    names = {k: f"bench-{k}-{run}" for k in ("listings", "bids", "sales", "images", "alerts", "deadletter")}
+    bench = own.model_copy(update={
+        "app_id": f"artwatch-bench-{run}", "database_url": SecretStr(dsn), "topics": TopicNames(**names),
+    })
+    fleet = [WorkerProcess(with_free_ports(bench), workdir / f"worker-{i}.log") for i in range(workers)]
+    from streams.replay.publisher import ensure_topics
+
+    with Stack(own).running(services=("broker",)):
+        try:
+            ensure_topics(own.broker_url, bench.topics, settings.worker.partitions, include_outputs=True)
+            log.info("bench: %d events, %d worker(s), %s storage, logs in %s", events, workers, storage, workdir)
+            for w in fleet:
+                w.start()
+            for w in fleet:  # the last to own partitions closes the group's rebalance
+                w.wait_ready()
+            _produce(own.broker_url, names["sales"], items[:1])  # warm-up: connection, chunk, caches
+            _wait_stored(fleet, 1, timeout=60)  # warm-up
+
+            produced: dict[str, float] = {}
+
+            def produce_timed() -> None:
+                _produce(own.broker_url, names["sales"], items[1:])
+                produced["s"] = time.perf_counter() - t0
+
+            producer = threading.Thread(target=produce_timed)
+            t0, wall0 = time.perf_counter(), time.time()
+            producer.start()
+            # The end mark is the worker's own last-commit time, so polling can be
+            # slow (scrapes cost the worker CPU) without blurring the figure.
+            last_commit, per_worker = _wait_stored(fleet, events + 1, timeout=max(120, events / 1000))
+            pipeline_s = last_commit - wall0
+            producer.join()
+            with psycopg.connect(dsn) as conn:
+                stored = conn.execute("SELECT count(*) FROM sales").fetchone()[0]
+            if stored != events + 1:
+                raise ArtwatchError(f"bench: {stored} rows stored for {events + 1} events")
+            for w in fleet:
+                w.stop()
+            raw_eps = asyncio.run(_raw_consume(own.broker_url, names["sales"], events + 1))
+        finally:
+            for w in fleet:
+                w.kill()
+    pipeline_eps = events / pipeline_s
+    return {"pipeline_eps": round(pipeline_eps), "raw_consume_eps": round(raw_eps),
+            "ratio": round(pipeline_eps / raw_eps, 4), "produce_eps": round(events / produced["s"]),
+            "stored_per_worker": per_worker}
 
 
 def _wait_stored(fleet: list[WorkerProcess], n: int, timeout: float) -> tuple[float, list[int]]:
@@ -270,17 +320,9 @@ def _wait_stored(fleet: list[WorkerProcess], n: int, timeout: float) -> tuple[fl
     raise ArtwatchError(f"bench: {n} events not stored within {timeout:.0f}s; see {fleet[0].log_path.parent}")
 
 
-def _cleanup(dsn: str, schema: str, bootstrap: str, topics: list[str]) -> None:
+def _drop_schema(dsn: str, schema: str) -> None:
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     except psycopg.Error as exc:
         log.warning("bench cleanup: could not drop schema %s: %s", schema, exc)
-    try:
-        from kafka.admin import KafkaAdminClient
-
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-        admin.delete_topics(topics)
-        admin.close()
-    except Exception as exc:  # noqa: BLE001 - best effort; the embedded broker forgets topics anyway
-        log.warning("bench cleanup: could not delete topics: %s", exc)

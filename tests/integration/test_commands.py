@@ -138,11 +138,12 @@ def test_worker_exits_when_its_parent_is_killed(tmp_path: Path) -> None:
         _artwatch(["stack", "down"], env, timeout=60)  # the stack is a daemon by design: `stack down` ends it
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_bench_ingest_prints_figures_with_baselines(tmp_path: Path, timescale_dsn: str, workers: int) -> None:
+@pytest.mark.parametrize("workers, storage", [(1, "both"), (2, "memory")])
+def test_bench_ingest_prints_figures_with_baselines(tmp_path: Path, timescale_dsn: str, workers: int,
+                                                    storage: str) -> None:
     env = _env(tmp_path, ARTWATCH_DATABASE_URL=timescale_dsn)
-    run = _artwatch(["bench", "ingest", "--events", "3000", "--rounds", "1", "--workers", str(workers), "--json"],
-                    env, timeout=300)
+    run = _artwatch(["bench", "ingest", "--events", "3000", "--rounds", "1", "--workers", str(workers),
+                     "--broker-storage", storage, "--json"], env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     for key in ("events", "pipeline_eps", "raw_consume_eps", "ratio", "sink_rows_per_s", "raw_copy_rows_per_s"):
@@ -151,6 +152,18 @@ def test_bench_ingest_prints_figures_with_baselines(tmp_path: Path, timescale_ds
     per_worker = result["stored_per_worker"]
     assert len(per_worker) == workers and all(n > 0 for n in per_worker) and sum(per_worker) == 3001, per_worker
     assert result["ratio"] == pytest.approx(result["pipeline_eps"] / result["raw_consume_eps"], rel=0.01)
+    modes = ["s3", "memory"] if storage == "both" else [storage]
+    assert result["broker_storage"] == storage and list(result["storage"]) == modes
+    for mode in modes:
+        figures = result["storage"][mode]
+        assert figures["pipeline_eps"] > 0 and sum(figures["stored_per_worker"]) == 3001, (mode, figures)
+    assert result["pipeline_eps"] == result["storage"][modes[0]]["pipeline_eps"]
+    if storage == "both":  # what durability costs, against the same run's memory figures
+        s3, memory = result["storage"]["s3"], result["storage"]["memory"]
+        assert result["s3_vs_memory"]["pipeline_eps"] == pytest.approx(
+            s3["pipeline_eps"] / memory["pipeline_eps"], rel=0.01)
+    else:
+        assert "s3_vs_memory" not in result
     # The bench cleans up after itself: no schema left behind.
     with psycopg.connect(timescale_dsn) as conn:
         left = conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'bench_%'").fetchone()[0]

@@ -43,8 +43,8 @@ def test_defaults():
     assert s.rules.outlier_window_days == 7.0
     assert s.rules.outlier_min_history == 5
     assert s.rules.outlier_late_grace_s == 60.0
-    # no database given: the embedded server's DSN
-    assert s.dsn() == "postgresql://postgres@127.0.0.1:54329/postgres"
+    # no database given: the embedded server's DSN, its password only in the 0600 pgpass file
+    assert s.dsn() == f"postgresql://postgres@127.0.0.1:54329/postgres?passfile={s.pg_passfile}"
     assert s.stack_dir == Path("var") / "stack"
 
 
