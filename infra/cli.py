@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 
 from pydantic import ValidationError
 
-from infra.errors import ArtwatchError
+from infra.errors import ArtwatchError, ConfigError
 from infra.settings import Settings
 
 __all__ = ["main"]
@@ -35,7 +35,7 @@ def _cmd_stack(settings: Settings, args: argparse.Namespace) -> int:
     result = {"up": stack.up, "down": stack.down, "status": stack.status}[args.action]()
     print(json.dumps(result, indent=2, default=str))
     if args.action == "status":
-        return 0 if result["broker"]["running"] and result["database"]["running"] else 3
+        return 0 if stack.healthy(result) else 3
     return 0
 
 
@@ -110,12 +110,32 @@ def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     from streams.bench import bench_ingest
 
-    result = bench_ingest(settings, events=args.events, rounds=args.rounds, workers=args.workers)
+    result = bench_ingest(settings, events=args.events, rounds=args.rounds, workers=args.workers,
+                          broker_storage=args.broker_storage)
     if args.json:
         print(json.dumps(result))
     else:
         for k, v in result.items():
             print(f"{k:>24}: {v}")
+    return 0
+
+
+def _cmd_eval(settings: Settings, args: argparse.Namespace) -> int:
+    from importlib import resources
+
+    from models.detectors.evaluate import evaluate
+
+    if args.seed_tune == args.seed_report:
+        raise ConfigError("--seed-tune and --seed-report must differ: figures are never reported on the tuning seed")
+    sales = args.sales or Path(str(resources.files("streams.replay") / "data" / "cryptopunks_sales.csv"))
+    print(f"evaluating the trend-break detectors on {sales} (tune seed {args.seed_tune},"
+          f" report seed {args.seed_report}; about half a minute)", file=sys.stderr)
+    result = evaluate(sales, seed_tune=args.seed_tune, seed_report=args.seed_report)
+    text = json.dumps(result, indent=None if args.json else 2, default=str)
+    if args.out:
+        args.out.write_text(text + "\n")
+        print(f"report written to {args.out}", file=sys.stderr)
+    print(text)
     return 0
 
 
@@ -136,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="artwatch", description="Real-time art and NFT market monitor.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("stack", help="start, stop or check the embedded broker and database")
+    s = sub.add_parser("stack", help="start, stop or check the embedded broker (and its S3 store) and database")
     s.add_argument("action", choices=("up", "down", "status"))
     s.set_defaults(func=_cmd_stack)
 
@@ -177,8 +197,21 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--events", type=_positive(int), default=100_000)
     b.add_argument("--rounds", type=_positive(int), default=2, help="sink/COPY rounds; the best of each is reported")
     b.add_argument("--workers", type=_positive(int), default=1, help="worker processes in one consumer group")
+    b.add_argument("--broker-storage", choices=("s3", "memory", "both"), default=None,
+                   help="storage of the bench's own broker; both: one run on each, with the ratio"
+                        " (default: ARTWATCH_BROKER_STORAGE)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=_cmd_bench)
+
+    s = sub.add_parser("eval", help="model and detector evaluations on held-out data, with their baselines")
+    esub = s.add_subparsers(dest="eval", required=True)
+    e = esub.add_parser("detectors", help="trend-break detectors on the real CryptoPunks series with injected shifts")
+    e.add_argument("--sales", type=_existing_file, default=None, help="sales CSV (default: the shipped CC0 history)")
+    e.add_argument("--seed-tune", type=int, default=1, help="injection seed each detector's setting is chosen on")
+    e.add_argument("--seed-report", type=int, default=5, help="injection seed the figures are reported on")
+    e.add_argument("--out", type=Path, default=None, help="also write the report (JSON) to this file")
+    e.add_argument("--json", action="store_true", help="print one JSON line")
+    e.set_defaults(func=_cmd_eval)
     return p
 
 
