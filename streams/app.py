@@ -23,6 +23,7 @@ from infra.health import DEGRADED, FAILING, Health
 from infra.metrics import Metrics, build_metrics
 from infra.settings import Settings
 from streams.batch_ingest import BatchIngest, wait_out
+from streams.outbox import Outbox
 from streams.pipeline import BatchPipeline, IncomingMessage
 from streams.storage import TABLE_SPECS
 
@@ -117,7 +118,7 @@ def create_app(settings: Settings, metrics: Optional[Metrics] = None, health: Op
         late_grace=timedelta(seconds=settings.rules.outlier_late_grace_s),
     )
 
-    def pipeline(kind: str) -> BatchPipeline:
+    def pipeline(kind: str, outbox: Optional[Outbox] = None) -> BatchPipeline:
         sink = EventSink(
             dsn,
             [TABLE_SPECS[kind]],
@@ -131,10 +132,11 @@ def create_app(settings: Settings, metrics: Optional[Metrics] = None, health: Op
             backoff_max_s=w.sink_retry_backoff_max_s,
             on_recovered=lambda: health.clear("database"),
         )
-        return BatchPipeline(kind, settings, sink, metrics, publish, rule=rule)
+        return BatchPipeline(kind, settings, sink, metrics, publish, rule=rule, outbox=outbox)
 
-    pipelines = {getattr(topics, kind): pipeline(kind) for kind in AGENT_KINDS}
-    sales = pipelines[topics.sales]
+    sales = pipeline("sales")  # its outbox serves all: one park state, flushes in turn
+    pipelines = {topics.sales: sales}
+    pipelines.update({getattr(topics, kind): pipeline(kind, sales.outbox) for kind in AGENT_KINDS if kind != "sales"})
 
     @app.task
     async def declare_outputs_and_resend_alerts() -> None:

@@ -52,7 +52,10 @@ Publish = Callable[[str, Optional[bytes], bytes, Sequence[tuple[str, bytes]]], A
 # value by 4/3 and the JSON around it is small (error text <= 1,000 chars).
 DEADLETTER_VALUE_MAX = 256 * 1024
 DEADLETTER_KEY_MAX = 1024  # a longer original key is replaced by its sha256
-_CLAIM_ROWS = 1000  # per claim round trip
+_CLAIM_ROWS = 1000  # alerts per claim round trip
+# Dead letters per claim: only their first DEADLETTER_VALUE_MAX bytes are read,
+# so a claim holds at most ~25 MiB of values however big the stored ones are.
+_CLAIM_DEADLETTERS = 100
 
 
 class DeadLetterMessage(msgspec.Struct, kw_only=True, frozen=True):
@@ -73,7 +76,9 @@ class DeadLetterMessage(msgspec.Struct, kw_only=True, frozen=True):
 
 def deadletter_message(row: Sequence) -> tuple[Optional[bytes], bytes, list[tuple[str, bytes]]]:
     """(key, value, headers) for the dead-letter topic from a ``deadletters`` row
-    ``(topic, partition, offset, ts, reason, error, key, value)``, bounded in size.
+    ``(topic, partition, offset, ts, reason, error, key, value[, value_bytes])``,
+    bounded in size; ``value`` may be a prefix of the stored one when
+    ``value_bytes`` gives the stored size.
 
     Examples
     --------
@@ -83,10 +88,10 @@ def deadletter_message(row: Sequence) -> tuple[Optional[bytes], bytes, list[tupl
     >>> len(value) < 1_000_000, msgspec.json.decode(value)["value_bytes"], dict(headers)["x-source-offset"]
     (True, 2000000, b'7')
     """
-    topic, partition, offset, ts, reason, error, key, value = row
+    topic, partition, offset, ts, reason, error, key, value = row[:8]
     key = bytes(key) if key is not None else None
     value = bytes(value) if value is not None else None
-    size = len(value) if value is not None else 0
+    size = row[8] if len(row) > 8 else len(value) if value is not None else 0
     msg = DeadLetterMessage(
         ts=ts, topic=topic, partition=partition, offset=offset, reason=reason, error=error[:1000],
         key=key if key is None or len(key) <= DEADLETTER_KEY_MAX else None,
@@ -109,6 +114,10 @@ def _alert_message(a: Alert) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
     # the same key, so a consumer or log compaction can drop the repeat.
     return a.alert_id.encode(), msgspec.json.encode(a), [("x-alert-kind", a.kind.encode()),
                                                          ("x-alert-subject", a.subject.encode()[:1024])]
+
+
+def _backoff(attempt: int) -> float:
+    return min(0.5 * 2 ** attempt, 5.0)
 
 
 @dataclass
@@ -136,8 +145,9 @@ class Outbox:
     attempts
         Sends tried per flush before a message is parked.
     lease_s
-        How long a claim keeps other flushes off a row; a parked row is
-        retried once it has run out.
+        How long a claim keeps other flushes off a row (at least all tries of
+        a send and their backoffs, plus 30 s); a parked row is retried once
+        it has run out.
     """
 
     def __init__(
@@ -152,15 +162,24 @@ class Outbox:
         self.metrics = metrics
         self.timeout_s = timeout_s
         self.attempts = attempts
-        self.lease_s = lease_s
+        # A claim must outlast every try of its sends (timeouts and backoffs),
+        # or another flush would claim and send the rows still being tried.
+        self.lease_s = max(lease_s, attempts * timeout_s + sum(_backoff(a) for a in range(1, attempts)) + 30.0)
+        self._lock = asyncio.Lock()  # one flush at a time: the outbox is shared by the pipelines
         self._resume_at = 0.0  # monotonic time before which unforced flushes stand aside
 
     async def flush(self, force: bool = False) -> FlushResult:
         """Publish every claimable pending row of both tables; unless ``force``,
         nothing while an earlier flush's park is recent (see the module's docstring)."""
-        result = FlushResult()
         if not force and time.monotonic() < self._resume_at:
-            return result
+            return FlushResult()
+        async with self._lock:
+            if not force and time.monotonic() < self._resume_at:  # parked while this one waited
+                return FlushResult()
+            return await self._flush()
+
+    async def _flush(self) -> FlushResult:
+        result = FlushResult()
         while True:
             rows = await self.sink.read("claiming pending alerts", self._claim_alerts)
             alerts = [Alert(alert_id=r[0], ts=r[1], kind=r[2], severity=r[3], subject=r[4], collection=r[5],
@@ -186,7 +205,7 @@ class Outbox:
                     ([d[0] for d in done], [d[1] for d in done], [d[2] for d in done])))
             result.deadletters += len(done)
             result.parked += len(rows) - len(done)
-            if len(rows) < _CLAIM_ROWS or len(done) < len(rows):
+            if len(rows) < _CLAIM_DEADLETTERS or len(done) < len(rows):
                 break
         return result
 
@@ -216,8 +235,9 @@ class Outbox:
             ' WHERE (topic, "partition", "offset") IN (SELECT topic, "partition", "offset" FROM deadletters'
             '   WHERE published_at IS NULL AND (claimed_until IS NULL OR claimed_until < now())'
             '   ORDER BY ts LIMIT %s FOR UPDATE SKIP LOCKED)'
-            ' RETURNING topic, "partition", "offset", ts, reason, error, key, value',
-            (self.lease_s, _CLAIM_ROWS),
+            ' RETURNING topic, "partition", "offset", ts, reason, error, key,'
+            '   substring(value from 1 for %s), octet_length(value)',
+            (self.lease_s, _CLAIM_DEADLETTERS, DEADLETTER_VALUE_MAX),
         )
         return sorted(await cur.fetchall(), key=lambda r: (r[0], r[1], r[2]))
 
@@ -230,7 +250,7 @@ class Outbox:
             if not todo:
                 break
             if attempt:
-                await asyncio.sleep(min(0.5 * 2 ** attempt, 5.0))
+                await asyncio.sleep(_backoff(attempt))
             outcomes = await asyncio.gather(*[self._send_one(topic, *messages[i]) for i in todo],
                                             return_exceptions=True)
             failed = []

@@ -79,6 +79,7 @@ class BatchPipeline:
         publish: Publish,
         rule: Optional[SaleOutlierRule] = None,
         clock: Callable[[], float] = time.time,
+        outbox: Optional[Outbox] = None,
     ) -> None:
         self.kind = kind
         self.settings = settings
@@ -88,7 +89,10 @@ class BatchPipeline:
         self.rule = rule if kind == "sales" else None
         self.clock = clock
         self.validator = Validator(kind, settings.validation, clock)
-        self.outbox = Outbox(sink, publish, settings.topics, metrics, timeout_s=settings.worker.publish_timeout_s)
+        # Shared by a worker's pipelines (their flushes then take turns and a
+        # park makes them all stand aside); one of its own otherwise.
+        self.outbox = outbox or Outbox(sink, publish, settings.topics, metrics,
+                                       timeout_s=settings.worker.publish_timeout_s)
         self._row = row_builder(kind)
 
     async def process(self, messages: Sequence[IncomingMessage]) -> BatchOutcome:

@@ -115,6 +115,13 @@ def _check_money(value: Decimal, field: str) -> None:
         raise ValueError(f"{field} has more than {MAX_MONEY_DIGITS} significant digits")
 
 
+def _no_blank(record: "Event", *fields: str) -> None:
+    """Names made of spaces only are as empty as "" (which the field types refuse)."""
+    for name in fields:
+        if getattr(record, name).isspace():
+            raise ValueError(f"{name} must not be blank")
+
+
 def _check_currency(code: str) -> None:
     if code not in CURRENCIES:
         raise ValueError(f"unknown currency {code!r}; known: {', '.join(sorted(CURRENCIES))}")
@@ -159,6 +166,7 @@ class Listing(Event, frozen=True):
         super().__post_init__()
         msgspec.structs.force_setattr(self, "price", _money(self.price, "price"))
         _check_currency(self.currency)
+        _no_blank(self, "event_id", "marketplace", "collection", "item_id", "seller")
 
 
 class Bid(Event, frozen=True):
@@ -175,6 +183,7 @@ class Bid(Event, frozen=True):
         super().__post_init__()
         msgspec.structs.force_setattr(self, "amount", _money(self.amount, "amount"))
         _check_currency(self.currency)
+        _no_blank(self, "event_id", "auction_id", "item_id", "collection", "bidder")
 
 
 class Sale(Event, frozen=True):
@@ -192,6 +201,7 @@ class Sale(Event, frozen=True):
         super().__post_init__()
         msgspec.structs.force_setattr(self, "price", _money(self.price, "price"))
         _check_currency(self.currency)
+        _no_blank(self, "event_id", "collection", "item_id", "buyer", "seller")
 
 
 class Image(Event, frozen=True):
@@ -213,6 +223,7 @@ class Image(Event, frozen=True):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _no_blank(self, "event_id", "item_id", "collection")
         if (self.data is None) == (self.uri is None):
             raise ValueError("an image carries exactly one of data or uri")
         if self.data is not None:

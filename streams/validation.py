@@ -18,7 +18,7 @@ from infra.settings import ValidationSettings
 from streams import image_checks
 from streams.records import RECORD_TYPES, Event, Image
 
-__all__ = ["Validator", "Rejected", "REASONS", "EARLIEST_EVENT_TIME"]
+__all__ = ["Validator", "Rejected", "REASONS", "EARLIEST_EVENT_TIME", "printable"]
 
 _BACKSLASH = 0x5C
 _DEL = 0x7F  # the one control character valid unescaped in JSON and ASCII
@@ -43,10 +43,31 @@ _FORBIDDEN_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e
 _ERROR_CHARS = 300  # of an unexpected exception's message (it may quote the input)
 
 
+ERROR_CHARS_MAX = 1000  # of a dead letter's error text
+
+
+def printable(text: str, limit: int = ERROR_CHARS_MAX) -> str:
+    """``text`` cut to ``limit`` characters with control and bidi characters
+    escaped: error texts quote the input (an unknown field's name), and a NUL
+    there would make the dead letter itself unstorable (a crash loop), a
+    newline would forge log lines.
+
+    Examples
+    --------
+    >>> printable("unknown field `" + chr(0) + chr(10) + "`")
+    'unknown field `\\\\u0000\\\\u000a`'
+    >>> len(printable("x" * 5000))
+    1000
+    """
+    return _FORBIDDEN_TEXT.sub(lambda m: f"\\u{ord(m.group()):04x}", text[:limit])[:limit]
+
+
 class Rejected(Exception):
-    """A message that cannot become a record; ``reason`` is one of REASONS."""
+    """A message that cannot become a record; ``reason`` is one of REASONS and
+    ``error`` is bounded and printable (see :func:`printable`)."""
 
     def __init__(self, reason: str, error: str) -> None:
+        error = printable(error)
         super().__init__(f"{reason}: {error}")
         self.reason = reason
         self.error = error

@@ -208,3 +208,22 @@ async def test_a_sale_the_database_refuses_is_dead_lettered_and_forgotten_by_the
         (reason, offset), = conn.execute(
             'SELECT reason, "offset" FROM deadletters WHERE topic = %s', (settings.topics.sales,)).fetchall()
     assert (reason, offset) == ("rejected_by_database", 2)
+
+
+async def test_an_error_text_quoting_a_nul_or_a_newline_is_stored_escaped(settings, any_dsn) -> None:
+    """msgspec quotes an unknown field's name in its error: a name holding NUL
+    made the dead letter itself unstorable (text cannot hold NUL), which
+    failed the batch on every retry (a crash loop of all four topics)."""
+    collection = f"pipe-nul-{uuid.uuid4().hex[:8]}"
+    good = _sale(collection, 0, "1")
+    poisoned = msgspec.json.encode(good)[:-1] + b',"\\u0000\\nforged log line":1}'
+    messages = [IncomingMessage(settings.topics.sales, 0, 0, 0.0, None, poisoned)] + _messages(
+        settings.topics.sales, [_sale(collection, 1, "1")], first_offset=1)
+    async with _pipeline(settings, any_dsn[0]) as (pipeline, _):
+        out = await pipeline.process(messages)
+    assert (out.stored, out.deadlettered) == (1, 1)
+    with psycopg.connect(any_dsn[0]) as conn:
+        (reason, error), = conn.execute(
+            'SELECT reason, error FROM deadletters WHERE topic = %s', (settings.topics.sales,)).fetchall()
+    assert reason == "unknown_field"
+    assert "\\u0000\\u000aforged log line" in error and "\x00" not in error and "\n" not in error

@@ -566,6 +566,18 @@ def test_required_names_are_not_empty(kind, field):
     assert field in r.error and "length >= 1" in r.error
 
 
+@pytest.mark.parametrize(
+    ("kind", "field"),
+    [("sales", "collection"), ("sales", "buyer"), ("sales", "seller"), ("sales", "item_id"), ("sales", "event_id"),
+     ("listings", "marketplace"), ("listings", "seller"), ("bids", "bidder"), ("bids", "auction_id"),
+     ("images", "collection"), ("images", "item_id")],
+)
+def test_required_names_are_not_blank(kind, field):
+    r = reject(validator(kind), enc(DOCS[kind](**{field: " \t "})))
+    assert r.reason == "invalid_field"
+    assert f"{field} must not be blank" in r.error
+
+
 def test_source_may_be_empty():
     assert validator("sales").decode(enc(sale_json(source=""))).source == ""
 
