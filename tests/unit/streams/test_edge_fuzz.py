@@ -65,6 +65,8 @@ def assert_edge_contract(kind: str, raw) -> str:
     except Rejected as exc:
         assert exc.reason in EDGE_REASONS, exc
         assert isinstance(exc.error, str) and exc.error
+        # the error becomes a dead letter's text (no NUL) and a log line (no newline), bounded
+        assert "\x00" not in exc.error and "\n" not in exc.error and len(exc.error) <= 1000, exc.error
         return exc.reason
     assert type(record) is RECORD_TYPES[kind]
     _assert_clean(kind, record)

@@ -428,6 +428,16 @@ def test_an_unknown_field_nested_a_thousand_deep_is_refused_unread():
     assert r.reason == "unknown_field" and "pad" in r.error
 
 
+@pytest.mark.parametrize("name", ["\\u0000", "\\n\\u202e", "x" * 5000])
+def test_an_error_quoting_the_input_is_escaped_and_bounded(name):
+    """msgspec quotes an unknown field's name; the error becomes a dead
+    letter's text (NUL cannot be stored: a crash loop) and a log line."""
+    raw = enc(sale_json()).replace(b'"tx"', b'"' + name.encode() + b'":1,"tx"')
+    r = reject(validator("sales"), raw)
+    assert r.reason == "unknown_field"
+    assert not set(r.error) & {"\x00", "\n", "\u202e"} and len(r.error) <= 1000
+
+
 def test_deep_nesting_in_a_known_field_or_at_the_top():
     arrays, objects = b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000
     v = validator("sales")
