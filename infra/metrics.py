@@ -113,6 +113,7 @@ class Metrics:
     late_sales: Counter
     rule_errors: Counter
     outbox_parked: Counter
+    outbox_errors: Counter
 
 
 def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -214,5 +215,11 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "artwatch_streams_outbox_parked",
             "Alerts or dead letters the broker did not acknowledge in time; left in their table and re-sent later.",
             ["table"], registry=r,
+        ),
+        outbox_errors=Counter(
+            "artwatch_streams_outbox_errors",
+            "Outbox flushes after a batch that failed (a bug or the database away); the rows stay pending for the"
+            " worker's timer.",
+            ["topic"], registry=r,
         ),
     )

@@ -91,7 +91,10 @@ def deadletter_message(row: Sequence) -> tuple[Optional[bytes], bytes, list[tupl
     topic, partition, offset, ts, reason, error, key, value = row[:8]
     key = bytes(key) if key is not None else None
     value = bytes(value) if value is not None else None
-    size = row[8] if len(row) > 8 else len(value) if value is not None else 0
+    # row[8] is octet_length(value), NULL for a message without a value (a
+    # tombstone, reason "empty"): then the size is 0, not None (None > int
+    # raised TypeError after the commit and crash-looped the worker).
+    size = row[8] if len(row) > 8 and row[8] is not None else len(value) if value is not None else 0
     msg = DeadLetterMessage(
         ts=ts, topic=topic, partition=partition, offset=offset, reason=reason, error=error[:1000],
         key=key if key is None or len(key) <= DEADLETTER_KEY_MAX else None,

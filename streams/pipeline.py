@@ -148,10 +148,17 @@ class BatchPipeline:
         for d in dead:
             self.metrics.deadletters.labels(topic=d.topic, reason=d.reason).inc()
         if dead or new_alerts:
-            sent = await self.outbox.flush()
-            out.alerts = sent.alerts
-            for a in out.alerts:
-                self.metrics.alerts_emitted.labels(kind=a.kind).inc()
+            try:
+                sent = await self.outbox.flush()
+            except Exception:  # noqa: BLE001 - the batch is committed: failing it now would only replay it
+                # forever; its rows stay pending and the worker's timer sends them.
+                self.metrics.outbox_errors.labels(topic=batch.topic).inc()
+                log.exception("%s: publishing the batch's alerts and dead letters failed; they stay pending",
+                              batch.topic)
+            else:
+                out.alerts = sent.alerts
+                for a in out.alerts:
+                    self.metrics.alerts_emitted.labels(kind=a.kind).inc()
 
         m, topic = self.metrics, batch.topic
         m.events_stored.labels(topic=topic).inc(out.stored)
