@@ -41,6 +41,7 @@ def run_worker(settings: Settings, parent_pid: Optional[int] = None) -> None:
     # uvloop: the worker is CPU-bound on event-loop plumbing (aiokafka fetches,
     # psycopg waits, producer acks); it must be installed before faust binds a loop.
     uvloop.install()
+    _fix_malloc_thresholds()
     if parent_pid is not None:
         _exit_with_parent(parent_pid)
     metrics = build_metrics()
@@ -119,6 +120,29 @@ def _migrate_when_reachable(settings: Settings, health):
                 log.warning("waiting for the database at %s (%.0fs so far): %s; next try in %.1fs",
                             mask_dsn(settings.dsn()), time.monotonic() - started, describe(exc), delay)
             time.sleep(delay)
+
+
+def _fix_malloc_thresholds(size: int = 128 * 1024) -> None:
+    """Keep glibc from raising its mmap and trim thresholds at run time.
+
+    After the worker frees a large block (a ~1 MiB message, a 4 MiB fetch
+    buffer), glibc raises both thresholds, so later large blocks come from
+    the heap and RSS creeps up with fragmentation (measured: 124 -> 153 MiB
+    over 80,000 malformed messages, then jumps of ~11 MiB at random) though
+    what the worker holds is flat. Fixed at glibc's own defaults, large
+    blocks are mapped and unmapped and RSS follows the live memory (flat at
+    ~128 MiB; tests/faults/test_worker_memory.py). Not glibc: nothing to do.
+    """
+    import ctypes
+    import ctypes.util
+
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        for param in (m_mmap_threshold, m_trim_threshold):
+            libc.mallopt(param, size)
+    except (OSError, AttributeError):
+        log.debug("mallopt is not available; glibc's dynamic malloc thresholds stay")
 
 
 def _exit_with_parent(pid: int) -> None:
