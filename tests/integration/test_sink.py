@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from psycopg import sql
 
 from infra.db.failures import RETRY_REASONS, classify
-from infra.db.sink import ROW_REJECTED, EventSink, row_digest
+from infra.db.sink import ROW_REJECTED, EventSink, TableSpec
 from infra.errors import SinkBackpressure
 from infra.metrics import build_metrics
 from streams.records import RECORD_TYPES, Bid, Image, Listing, Sale
@@ -309,9 +309,10 @@ async def test_empty_batch(any_dsn):
 # --- one identity per event ------------------------------------------------------------------
 
 
-def identities(db, kind: str, ids) -> dict[str, tuple[datetime, bytes | None]]:
-    return {r[0]: (r[1], r[2]) for r in db.execute(
-        "SELECT event_id, ts, digest FROM event_ids WHERE kind = %s AND event_id = ANY(%s)", (kind, sorted(ids)))}
+def identities(db, kind: str, ids) -> dict[str, datetime]:
+    """event_id -> the ts its identity holds."""
+    return dict(db.execute(
+        "SELECT event_id, ts FROM event_ids WHERE kind = %s AND event_id = ANY(%s)", (kind, sorted(ids))).fetchall())
 
 
 def versions(db, table: str, ids) -> dict[str, int]:
@@ -332,7 +333,7 @@ def assert_each_stored_once(db, records, table: str = "sales") -> None:
             c=sql.SQL(", ").join(map(sql.Identifier, spec.columns)), t=sql.Identifier(table)), (sorted(ids),))}
     want = {r.event_id: row_builder(table)(r) for r in records}
     assert got == want
-    assert identities(db, table, ids) == {i: (spec.identity(want[i])[1], row_digest(want[i])) for i in ids}
+    assert identities(db, table, ids) == {i: spec.identity(want[i])[1] for i in ids}
 
 
 async def test_an_identical_resend_is_a_plain_duplicate_across_and_within_batches(any_dsn, db):
@@ -454,6 +455,40 @@ async def test_concurrent_batches_with_the_same_ids_store_each_once(any_dsn, db)
     assert_rollups_match(db, collections(a))
 
 
+async def test_an_id_a_concurrent_batch_commits_while_the_safe_path_claims_it(any_dsn, db):
+    """The safe path looks the batch's ids up first and claims only the
+    others: an id another transaction holds uncommitted is missed by the
+    look-up, its claim waits for that transaction and finds it kept; the
+    version it kept (read back from the table) is the one compared."""
+    t = tag()
+    app = f"artwatch-sink-{t}"
+    dsn = psycopg.conninfo.make_conninfo(any_dsn[0], application_name=app)
+    base = make_sales(t, 3, seed=32)
+    spec = TABLE_SPECS["sales"]
+    insert_row = sql.SQL("INSERT INTO sales ({c}) VALUES ({v})").format(
+        c=sql.SQL(", ").join(map(sql.Identifier, spec.columns)),
+        v=sql.SQL(", ").join(sql.Placeholder() * len(spec.columns)))
+    async with open_sink(dsn) as sink:
+        await sink.write("sales", rows(base[:1]))  # stored: the batch below fails the fast path on it at once
+        async with await psycopg.AsyncConnection.connect(any_dsn[0]) as other:
+            await other.execute("INSERT INTO event_ids (kind, event_id, ts) VALUES ('sales', %s, %s)",
+                                (base[1].event_id, base[1].ts))
+            await other.execute(insert_row, SALE_ROW(base[1]))  # claimed and stored, not committed yet
+            write = asyncio.create_task(sink.write("sales", rows([base[0], resent(base[1], "price"), base[2]])))
+            for _ in range(400):  # until the sink's claim waits for the other transaction
+                if db.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = %s"
+                              " AND wait_event_type = 'Lock'", (app,)).fetchone() or write.done():
+                    break
+                await asyncio.sleep(0.025)
+            assert not write.done(), write.result()
+            await other.commit()
+            res = await write
+    assert res.new_keys == keys(base[2:]) and res.duplicates == 1 and sink.fallbacks == 1
+    assert [(c.index, c.differs, c.kept, c.kept_index) for c in res.conflicts] == [
+        (1, ("price",), SALE_ROW(base[1]), None)]
+    assert_each_stored_once(db, base)
+
+
 async def test_rollups_keep_real_and_synthetic_apart(any_dsn, db):
     t = tag()
     minute = datetime(2021, 9, 1, 12, 30, tzinfo=UTC)
@@ -471,37 +506,138 @@ async def test_rollups_keep_real_and_synthetic_apart(any_dsn, db):
     assert_rollups_match(db, [t])
 
 
-async def test_a_stored_row_read_back_has_the_digest_it_was_stored_with(any_dsn, db):
-    """Identities backfilled by migration 002 have no digest; the sink digests
-    the stored row instead, so that must equal the digest of the row as sent."""
+async def test_a_stored_row_read_back_compares_equal_to_the_row_as_sent(any_dsn, db):
+    """Versions of a known id are compared with the stored row, read back:
+    every value as sent must compare equal to itself as stored (zones other
+    than UTC, wei precision, NULL tx), or an identical re-send would be
+    refused as a conflicting duplicate."""
     t = tag()
-    batch = make_sales(t, 200, seed=27)  # wei precision, zones other than UTC, NULL tx
+    batch = make_sales(t, 200, seed=27)
     async with open_sink(any_dsn[0]) as sink:
         await sink.write("sales", rows(batch))
-    back = stored(db, "sales", collections(batch))
-    assert len(back) == 200
-    for s in batch:
-        assert row_digest(back[(s.event_id, s.ts)]) == row_digest(SALE_ROW(s))
+        res = await sink.write("sales", rows(batch[::-1]))
+        assert sink.fallbacks == 1
+    assert (res.new_keys, res.conflicts, res.duplicates) == (frozenset(), (), 200)
     assert_each_stored_once(db, batch)
 
 
+@pytest.mark.parametrize("where", ["across-batches", "within-a-batch"])
+async def test_numerics_count_as_the_same_content_when_stored_alike(any_dsn, db, where):
+    """The same content = what storing it would keep: 2.0 and 2.00 are stored
+    with other scales (a conflict), 1E+3 and 1000 both as 1000 (a duplicate)."""
+    t = tag()
+    base = make_sales(t, 3, seed=29)
+    first = [msgspec_replace(base[0], price=Decimal("2.0")), msgspec_replace(base[1], price=Decimal("1E+3")),
+             msgspec_replace(base[2], price=Decimal("0.000000000000000120"))]
+    again = [msgspec_replace(first[0], price=Decimal("2.00")), msgspec_replace(first[1], price=Decimal("1000")),
+             msgspec_replace(first[2], price=Decimal("1.20E-16"))]
+    async with open_sink(any_dsn[0]) as sink:
+        if where == "across-batches":
+            await sink.write("sales", rows(first))
+            res = await sink.write("sales", rows(again))
+            offset = 0
+        else:
+            res = await sink.write("sales", rows(first + again))
+            offset = 3
+    assert [(c.index, c.differs, c.kept_index) for c in res.conflicts] == [
+        (offset, ("price",), 0 if where == "within-a-batch" else None)]
+    assert res.duplicates == 2
+    assert_each_stored_once(db, first)
+
+
 async def test_an_id_whose_stored_row_is_gone_is_still_never_stored_again(any_dsn, db):
-    """Retention may drop old chunks while event_ids keeps their ids. With no
-    digest (backfilled) and no row to digest, the ts still decides: another ts
-    is a conflict, the same ts a plain duplicate (the content cannot be told)."""
+    """A row deleted (by hand, or retention dropping old chunks) while
+    event_ids keeps its id: with no row to compare with, the ts still decides:
+    another ts is a conflict, the same ts a plain duplicate (the content
+    cannot be told, other content included)."""
     t = tag()
     batch = make_sales(t, 6, seed=28)
     async with open_sink(any_dsn[0]) as sink:
         await sink.write("sales", rows(batch))
         ids = [s.event_id for s in batch[:3]]
         db.execute("DELETE FROM sales WHERE event_id = ANY(%s)", (ids,))
-        db.execute("UPDATE event_ids SET digest = NULL WHERE kind = 'sales' AND event_id = ANY(%s)", (ids,))
         res = await sink.write("sales", rows([resent(batch[0], "ts"), resent(batch[1], "price"), batch[2]]))
     assert res.new_keys == frozenset() and res.duplicates == 2
-    assert [(c.index, c.kept, c.differs) for c in res.conflicts] == [(0, None, ("ts",))]
-    assert "differs in content" not in res.conflicts[0].describe()
+    assert [(c.index, c.kept, c.kept_index, c.differs) for c in res.conflicts] == [(0, None, None, ("ts",))]
+    assert "differs in ts" in res.conflicts[0].describe()
     assert versions(db, "sales", ids) == {}
-    assert identities(db, "sales", ids) == {s.event_id: (s.ts, None) for s in batch[:3]}
+    assert identities(db, "sales", ids) == {s.event_id: s.ts for s in batch[:3]}
+
+
+async def test_a_row_written_around_the_sink_is_not_taken_for_the_kept_version(any_dsn, db):
+    """The kept version is the stored row at the ts event_ids holds: another
+    row of the id (written around the sink, at another ts) is not it, even
+    when a re-send matches that row exactly."""
+    t = tag()
+    batch = make_sales(t, 3, seed=33)
+    stray = msgspec_replace(batch[0], ts=batch[1].ts)  # batch[0]'s id at a ts inside the batch's range
+    spec = TABLE_SPECS["sales"]
+    async with open_sink(any_dsn[0]) as sink:
+        await sink.write("sales", rows(batch))
+        db.execute(sql.SQL("DELETE FROM sales WHERE event_id = %s"), (batch[0].event_id,))
+        db.execute(sql.SQL("INSERT INTO sales ({c}) VALUES ({v})").format(
+            c=sql.SQL(", ").join(map(sql.Identifier, spec.columns)),
+            v=sql.SQL(", ").join(sql.Placeholder() * len(spec.columns))), SALE_ROW(stray))
+        res = await sink.write("sales", rows([stray, batch[1], batch[2]]))
+    assert [(c.index, c.kept, c.kept_ts, c.differs) for c in res.conflicts] == [(0, None, batch[0].ts, ("ts",))]
+    assert res.new_keys == frozenset() and res.duplicates == 2
+    assert identities(db, "sales", [batch[0].event_id]) == {batch[0].event_id: batch[0].ts}
+
+
+def test_event_ids_has_a_partition_per_kind_keyed_by_the_id_alone(db):
+    """Each kind's ids in a partition of their own, unique by event_id alone
+    (a (kind, event_id) key cost ~0.4 us more per stored event); other kinds
+    in the default partition, unique by (kind, event_id)."""
+    parts = dict(db.execute(
+        "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i JOIN pg_class c"
+        " ON c.oid = i.inhrelid WHERE i.inhparent = 'event_ids'::regclass").fetchall())
+    kinds = sorted(RECORD_TYPES) + ["alerts"]
+    assert parts == {**{f"event_ids_{k}": f"FOR VALUES IN ('{k}')" for k in kinds}, "event_ids_other": "DEFAULT"}
+    for name in parts:
+        (key,) = db.execute(
+            "SELECT array_agg(a.attname::text ORDER BY k.n) FROM pg_index i"
+            " CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n)"
+            " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
+            " WHERE i.indrelid = %s::regclass AND i.indisprimary", (name,)).fetchone()
+        assert key == (["kind", "event_id"] if name == "event_ids_other" else ["event_id"]), name
+
+
+async def test_a_kind_without_a_partition_of_its_own_keeps_one_identity_too(any_dsn, db):
+    """A table the migration gave no event_ids partition: its ids go through
+    the parent into event_ids_other, keyed by (kind, event_id), and the same
+    rules hold; the same event_id under another kind is another event."""
+    t = tag()
+    table = f"test_gifts_{t}"
+    db.execute(sql.SQL("CREATE TABLE {} (event_id text NOT NULL, ts timestamptz NOT NULL, note text,"
+                       " PRIMARY KEY (event_id, ts))").format(sql.Identifier(table)))
+    spec = TableSpec(table=table, columns=("event_id", "ts", "note"))
+    first = [(f"{t}-{i}", T0 + timedelta(seconds=i), f"n{i}") for i in range(5)]
+    again = [first[0], (first[1][0], first[1][1], "other"), (first[2][0], T0 + timedelta(days=1), first[2][2]),
+             (f"{t}-9", T0, None)]
+    sale = make_sales(t, 1, seed=30)[0]
+    try:
+        sink = EventSink(any_dsn[0], [spec, TABLE_SPECS["sales"]])
+        try:
+            assert (await sink.write(table, first)).new_keys == {(e, ts) for e, ts, _ in first}
+            assert sink.fallbacks == 0
+            res = await sink.write(table, again)
+            assert sink.fallbacks == 1
+            assert res.new_keys == {(f"{t}-9", T0)} and res.duplicates == 1
+            assert [(c.index, c.differs, c.kept) for c in res.conflicts] == [(1, ("note",), first[1]),
+                                                                            (2, ("ts",), first[2])]
+            same_id = msgspec_replace(sale, event_id=first[0][0])  # a sale: other kind, other event
+            assert (await sink.write("sales", rows([same_id]))).new_keys == keys([same_id])
+        finally:
+            await sink.close()
+        got = db.execute("SELECT kind, event_id, ts FROM event_ids_other WHERE kind = %s ORDER BY event_id",
+                         (table,)).fetchall()
+        assert got == sorted([(table, e, ts) for e, ts, _ in first] + [(table, f"{t}-9", T0)], key=lambda r: r[1])
+        assert identities(db, "sales", [first[0][0]]) == {first[0][0]: same_id.ts}
+        n = db.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))).fetchone()[0]
+        assert n == 6
+    finally:
+        db.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
+        db.execute("DELETE FROM event_ids WHERE kind = %s", (table,))
 
 
 def _alert(alert_id: str, ts: datetime, collection: str, severity: str = "medium") -> tuple:
@@ -520,7 +656,9 @@ def test_an_alert_id_is_stored_once_whatever_its_ts(db):
         cur.executemany(ins, [_alert(f"{t}-b", T0 + timedelta(days=i), t) for i in range(3)])
     got = db.execute("SELECT alert_id, ts, severity FROM alerts WHERE collection = %s ORDER BY 1", (t,)).fetchall()
     assert got == [(f"{t}-a", T0, "medium"), (f"{t}-b", T0, "medium")]
-    assert identities(db, "alerts", [f"{t}-a", f"{t}-b"]) == {f"{t}-a": (T0, None), f"{t}-b": (T0, None)}
+    assert identities(db, "alerts", [f"{t}-a", f"{t}-b"]) == {f"{t}-a": T0, f"{t}-b": T0}
+    n = db.execute("SELECT count(*) FROM event_ids_alerts WHERE event_id = ANY(%s)", ([f"{t}-a", f"{t}-b"],))
+    assert n.fetchone()[0] == 2  # the alerts' own partition
     db.execute("UPDATE alerts SET published_at = now() WHERE collection = %s", (t,))  # not for other tests' outbox
 
 
@@ -765,9 +903,11 @@ async def test_migration_002_keeps_the_first_version_and_rebuilds_rollups(timesc
                              " WHERE key = %s", (twice.event_id.encode(),)).fetchall()
         assert dl[:3] == ("sales", -1, "conflicting_duplicate") and "migration 002" in dl[3]
         assert msgspec.json.decode(dl[4])["ts"].startswith(later_twice.ts.strftime("%Y-%m-%dT%H:%M"))
-        # every id backfilled, without a digest (filled by the sink when needed)
+        # every id backfilled, with the ts of its kept version, in its kind's partition
         ids = {s.event_id for s in sales}
-        assert identities(conn, "sales", ids) == {s.event_id: (s.ts, None) for s in sales}
+        assert identities(conn, "sales", ids) == {s.event_id: s.ts for s in sales}
+        assert conn.execute("SELECT count(*) FROM event_ids_sales WHERE event_id = ANY(%s)",
+                            (sorted(ids),)).fetchone()[0] == len(ids)
         alerts = conn.execute("SELECT ts, severity FROM alerts WHERE collection = %s", (t,)).fetchall()
         assert alerts == [(T0, "medium")]
         # rollups rebuilt from the raw table, real and synthetic apart, minute and hour
@@ -778,7 +918,7 @@ async def test_migration_002_keeps_the_first_version_and_rebuilds_rollups(timesc
                      " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)", _alert(f"{t}-al", T0 + timedelta(days=1), t))
         assert conn.execute("SELECT count(*) FROM alerts WHERE collection = %s", (t,)).fetchone()[0] == 1
 
-        # The sink on backfilled ids: the stored row is digested, then compared.
+        # The sink on backfilled ids: each version is compared with the stored row.
         async with open_sink(dsn) as sink:
             res = await sink.write("sales", rows([sales[2], msgspec_replace(changed, price=changed.price + 1),
                                                   later_twice]))
@@ -786,9 +926,8 @@ async def test_migration_002_keeps_the_first_version_and_rebuilds_rollups(timesc
         assert [(c.index, c.differs, c.kept) for c in res.conflicts] == [
             (1, ("price",), SALE_ROW(changed)), (2, ("ts",), SALE_ROW(twice)),
         ]
-        got = identities(conn, "sales", [sales[2].event_id, changed.event_id, twice.event_id])
-        assert got[sales[2].event_id][1] == row_digest(SALE_ROW(sales[2]))  # filled from the stored row
-        assert got[changed.event_id][1] == row_digest(SALE_ROW(changed))
+        assert identities(conn, "sales", [changed.event_id, twice.event_id]) == {
+            changed.event_id: changed.ts, twice.event_id: twice.ts}
         assert_rollups_match(conn, collections(sales))
 
         # a second run changes nothing

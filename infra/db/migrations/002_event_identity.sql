@@ -4,20 +4,36 @@
 -- 1. Identity. Event tables are keyed (event_id, ts) because a hypertable's
 -- unique keys must hold its time column, so on its own that key lets an event
 -- re-sent with another ts in twice. event_ids is an ordinary table (never a
--- hypertable) keyed by the id alone; the sink inserts into it in the batch's
--- transaction and stores only events whose id is new there. kind is the
--- event table's name, or 'alerts' for alert ids. digest is a hash of the row
--- as first stored (infra.db.sink.row_digest); NULL for rows backfilled here,
--- filled from the stored row the first time the id is seen again. COLLATE "C":
--- the key is compared bytewise (what equality means anyway), so each event's
--- index insert skips locale comparisons (~0.15 us per id measured here).
+-- hypertable) holding each id once with the ts it was stored with; the sink
+-- inserts into it in the batch's transaction and stores only events whose id
+-- is new there (a version of a known id is compared with the stored row,
+-- read back by (event_id, ts): infra/db/sink.py). kind is the event table's
+-- name, or 'alerts' for alert ids.
+--
+-- Partitioned by kind, each kind's partition keyed by event_id alone: every
+-- stored event costs one more insert here, and a key of (kind, event_id) made
+-- that insert ~0.4 us slower per id than event_id alone (a server-side COPY of
+-- 400k ids: 1.53 vs 1.15 us each, BENCHMARKS.md 2026-11-30). The parent still
+-- answers for all kinds (WHERE kind = ..., TRUNCATE, INSERT routed by kind);
+-- a kind without a partition of its own lands in event_ids_other, keyed
+-- (kind, event_id). Giving such a kind a partition later means moving its
+-- rows out of event_ids_other first (PostgreSQL refuses the new partition
+-- otherwise). COLLATE "C": the key is compared bytewise (what equality means
+-- anyway), so each insert skips locale comparisons (~0.15 us per id).
 CREATE TABLE IF NOT EXISTS event_ids (
     kind     text COLLATE "C" NOT NULL,
     event_id text COLLATE "C" NOT NULL,
-    ts       timestamptz      NOT NULL,
-    digest   bytea,
-    PRIMARY KEY (kind, event_id)
-);
+    ts       timestamptz      NOT NULL
+) PARTITION BY LIST (kind);
+CREATE TABLE IF NOT EXISTS event_ids_sales PARTITION OF event_ids (PRIMARY KEY (event_id)) FOR VALUES IN ('sales');
+CREATE TABLE IF NOT EXISTS event_ids_listings PARTITION OF event_ids (PRIMARY KEY (event_id))
+    FOR VALUES IN ('listings');
+CREATE TABLE IF NOT EXISTS event_ids_bids PARTITION OF event_ids (PRIMARY KEY (event_id)) FOR VALUES IN ('bids');
+CREATE TABLE IF NOT EXISTS event_ids_images PARTITION OF event_ids (PRIMARY KEY (event_id))
+    FOR VALUES IN ('images');
+CREATE TABLE IF NOT EXISTS event_ids_alerts PARTITION OF event_ids (PRIMARY KEY (event_id))
+    FOR VALUES IN ('alerts');
+CREATE TABLE IF NOT EXISTS event_ids_other PARTITION OF event_ids (PRIMARY KEY (kind, event_id)) DEFAULT;
 
 -- 2. Existing databases: an id stored more than once (the old key allowed it)
 -- keeps its first stored version (earliest stored_at, then ts); the others
