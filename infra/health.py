@@ -9,8 +9,12 @@
   waiting cannot fix (the process is about to exit).
 
 The status is the worst of its parts' (``start``, ``database``, ``broker``,
-``fatal``); the reason names every part at that level. prometheus_client's
-own server answers every path with the metrics, hence this small handler.
+``fatal``); the reason names every part at that level. A part can be set by
+several sources at once (the four sinks, each batch waiting): it reports the
+worst of them, and one source clearing its state leaves the others standing,
+so one pipeline recovering does not hide another that still retries.
+prometheus_client's own server answers every path with the metrics, hence
+this small handler.
 """
 
 from __future__ import annotations
@@ -48,33 +52,45 @@ class Health:
     ('degraded', 'database: connection refused')
     >>> h.clear("database"); h.status()
     ('ready', '')
+
+    Sources of one part: it stays degraded while any of them is.
+
+    >>> h.set("database", DEGRADED, "sales: retrying", source="sales")
+    >>> h.set("database", DEGRADED, "bids: retrying", source="bids")
+    >>> h.clear("database", source="bids"); h.status()
+    ('degraded', 'database: sales: retrying')
+    >>> h.of("database"), h.clear("database", source="sales"), h.of("database")
+    ('degraded', None, 'ready')
     """
 
     def __init__(self, gauge: Optional[Gauge] = None) -> None:
         self._lock = threading.Lock()
-        self._parts: dict[str, tuple[str, str]] = {}
+        self._parts: dict[tuple[str, str], tuple[str, str]] = {}  # (part, source) -> (status, reason)
         self._gauge = gauge
         self._publish()
 
-    def set(self, part: str, status: str, reason: str) -> None:
+    def set(self, part: str, status: str, reason: str, source: str = "") -> None:
+        """``part`` is ``status`` for ``reason``, as far as ``source`` knows."""
         if status not in _RANK:
             raise ValueError(f"unknown health status {status!r}")
         with self._lock:
-            changed = self._parts.get(part) != (status, reason)
-            self._parts[part] = (status, reason)
+            changed = self._parts.get((part, source)) != (status, reason)
+            self._parts[(part, source)] = (status, reason)
         if changed:
             self._publish()
 
-    def clear(self, part: str) -> None:
+    def clear(self, part: str, source: str = "") -> None:
+        """``source`` has nothing to report on ``part`` (any other source's state stays)."""
         with self._lock:
-            changed = self._parts.pop(part, None) is not None
+            changed = self._parts.pop((part, source), None) is not None
         if changed:
             self._publish()
 
     def of(self, part: str) -> str:
-        """The status ``part`` reports (``ready`` when it reports nothing)."""
+        """The worst status ``part`` reports from any source (``ready`` when none reports)."""
         with self._lock:
-            return self._parts.get(part, (READY, ""))[0]
+            states = [s for (p, _), (s, _r) in self._parts.items() if p == part]
+        return max(states, key=_RANK.__getitem__, default=READY)
 
     def status(self) -> tuple[str, str]:
         """(status, reason): the worst part's status and the reasons at that level."""
@@ -84,8 +100,8 @@ class Health:
         if worst == READY:
             return READY, ""
         # "start" speaks for itself; the others say which part it is.
-        reasons = [r if p == "start" else f"{p}: {r}" for p, (s, r) in sorted(parts.items()) if s == worst]
-        return worst, "; ".join(reasons)
+        reasons = [r if p == "start" else f"{p}: {r}" for (p, _src), (s, r) in sorted(parts.items()) if s == worst]
+        return worst, "; ".join(dict.fromkeys(reasons))  # one line per distinct reason
 
     def _publish(self) -> None:
         if self._gauge is not None:

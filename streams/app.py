@@ -77,7 +77,11 @@ def create_app(settings: Settings, metrics: Optional[Metrics] = None, health: Op
     def on_retry(kind: str, exc: BaseException) -> None:
         failure = classify(exc)
         metrics.sink_retries.labels(table=kind, reason=failure.reason).inc()
-        health.set("database", DEGRADED, f"retrying ({describe(exc)})")
+        # Each sink speaks for itself: one recovering must not clear another still retrying.
+        health.set("database", DEGRADED, f"{kind}: retrying ({describe(exc)})", source=kind)
+
+    def on_recovered(kind: str) -> None:
+        health.clear("database", source=kind)
 
     dsn = settings.dsn()
     w = settings.worker
@@ -130,7 +134,7 @@ def create_app(settings: Settings, metrics: Optional[Metrics] = None, health: Op
             statement_timeout_s=w.db_statement_timeout_s,
             lock_timeout_s=w.db_lock_timeout_s,
             backoff_max_s=w.sink_retry_backoff_max_s,
-            on_recovered=lambda: health.clear("database"),
+            on_recovered=lambda: on_recovered(kind),
         )
         return BatchPipeline(kind, settings, sink, metrics, publish, rule=rule, outbox=outbox)
 
@@ -195,6 +199,19 @@ def _add_lag_timer(app: faust.App, metrics: Metrics, topics: set[str]) -> None:
             metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(max(0, lag))
 
 
+async def _prepare_once_store_waiting(pipeline: BatchPipeline, batch: list[IncomingMessage], health: Health,
+                                      backoff_max_s: float) -> None:
+    """``prepare`` the batch once, then wait out ``store`` (as the batch engine
+    does). ``prepare`` teaches the alert rule the batch's sales: run again
+    after a store outlasting the sink's retries, it would find them seen and
+    score none, and they would be stored without their alerts. Its own
+    database read (the rule's warm-up) fails before the rule learns anything,
+    so that part is waited out on its own."""
+    prepared = await wait_out(f"preparing a batch of {pipeline.kind}", lambda: pipeline.prepare(batch), health,
+                              backoff_max_s)
+    await wait_out(f"storing a batch of {pipeline.kind}", lambda: pipeline.store(prepared), health, backoff_max_s)
+
+
 def _add_ingest_agent(app: faust.App, topic, pipeline: BatchPipeline, settings: Settings, health: Health,
                       fatal: Callable[[str, BaseException], None]) -> None:
     """The Faust agent engine: same pipeline, batches from ``take_events``;
@@ -209,8 +226,7 @@ def _add_ingest_agent(app: faust.App, topic, pipeline: BatchPipeline, settings: 
                 for m in (e.message for e in events)
             ]
             try:
-                await wait_out(f"storing a batch of {pipeline.kind}", lambda: pipeline.process(batch), health,
-                               w.sink_retry_backoff_max_s)
+                await _prepare_once_store_waiting(pipeline, batch, health, w.sink_retry_backoff_max_s)
             except Exception as exc:  # noqa: BLE001 - see _die
                 fatal(f"{pipeline.kind} batch at {batch[0].topic}[{batch[0].partition}]@{batch[0].offset} failed", exc)
 

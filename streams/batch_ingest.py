@@ -26,14 +26,24 @@ other partitions past records it never returned. So after a failed fetch
 every partition goes back to the first offset not received, the partitions
 are read raw to find the unreadable batch, the records before it go through
 as usual, and the batch's offsets become one dead letter
-(``corrupt_batch``) committed past like any other.
+(``corrupt_batch``) committed past like any other. A batch that never comes
+whole (a corrupt length field: aiokafka's RecordTooLargeError) is stepped
+over one offset at a time the same way: its real extent is unknown.
+
+A batch held longer than ``_HOLD_AFTER_S`` with no error to show (a frozen
+server, a dead route, a long lock wait; or a broker that does not
+acknowledge its alerts) marks the part it waits on degraded until it goes
+through; every database attempt also has a client-side limit
+(``infra.db.sink.EventSink.attempt_timeout_s``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import struct
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
@@ -82,33 +92,71 @@ def _one_line(exc: BaseException) -> str:
     return describe(exc) if _failing_part(exc) != "broker" else f"{type(exc).__name__}: {exc}"
 
 
+_waits = itertools.count(1)  # each wait's own source in /health
+
+
 async def wait_out(what: str, attempt: Callable[[], Awaitable[T]], health: Health, backoff_max_s: float) -> T:
     """``attempt()`` until it succeeds, waiting out transient database and broker
     failures (backoff capped at ``backoff_max_s``, one log line per ~10 s,
     /health degraded meanwhile); anything else is raised. ``attempt`` must be
-    safe to run again (the stores are idempotent)."""
+    safe to run again (the stores are idempotent).
+
+    Each call reports in /health as a source of its own: batches in flight
+    wait at once, and one getting through leaves the others' state standing
+    (the sinks report theirs apart too, see ``streams.app``)."""
     backoff, say = Backoff(0.5, max(0.5, backoff_max_s)), Throttle(10.0)
     failing: Optional[str] = None
+    source = f"wait-{next(_waits)}"
     started = time.monotonic()
-    while True:
-        try:
-            result = await attempt()
-        except Exception as exc:  # noqa: BLE001 - sorted below: wait it out, or raise
-            part = _failing_part(exc)
-            if part is None:
-                raise
-            failing = part
-            health.set(part, DEGRADED, f"{what} waits: {_one_line(exc)}")
-            delay = backoff.next()
-            if say.ready():
-                log.warning("%s waits for the %s (%.0fs so far): %s; next try in %.1fs",
-                            what, part, time.monotonic() - started, _one_line(exc), delay)
-            await asyncio.sleep(delay)
-            continue
+    try:
+        while True:
+            try:
+                result = await attempt()
+            except Exception as exc:  # noqa: BLE001 - sorted below: wait it out, or raise
+                part = _failing_part(exc)
+                if part is None:
+                    raise
+                if failing is not None and failing != part:
+                    health.clear(failing, source)
+                failing = part
+                health.set(part, DEGRADED, f"{what} waits: {_one_line(exc)}", source)
+                delay = backoff.next()
+                if say.ready():
+                    log.warning("%s waits for the %s (%.0fs so far): %s; next try in %.1fs",
+                                what, part, time.monotonic() - started, _one_line(exc), delay)
+                await asyncio.sleep(delay)
+                continue
+            if failing is not None:
+                log.info("%s went through after waiting %.0fs for the %s", what, time.monotonic() - started,
+                         failing)
+            return result
+    finally:
         if failing is not None:
-            health.clear(failing)
-            log.info("%s went through after waiting %.0fs for the %s", what, time.monotonic() - started, failing)
-        return result
+            health.clear(failing, source)
+
+
+def _cut_short(raw) -> Optional[str]:
+    """What is wrong with the first record batch in ``raw`` that does not come
+    whole (its length field reaches past the bytes fetched), or None.
+
+    Examples
+    --------
+    >>> _cut_short(struct.pack(">qi", 0, 4) + b"abcd") is None
+    True
+    >>> _cut_short(struct.pack(">qi", 0, 4) + b"abcd" + struct.pack(">qi", 4, 1000) + b"xy")
+    'it declares 1000 bytes after its 12-byte header, 2 came'
+    >>> _cut_short(b"abc")
+    'a 3-byte fragment, shorter than a batch header'
+    """
+    pos, n = 0, len(raw)
+    while pos < n:
+        if n - pos < 12:
+            return f"a {n - pos}-byte fragment, shorter than a batch header"
+        length = struct.unpack_from(">i", raw, pos + 8)[0]
+        if length < 0 or pos + 12 + length > n:
+            return f"it declares {length} bytes after its 12-byte header, {n - pos - 12} came"
+        pos += 12 + length
+    return None
 
 
 @dataclass(frozen=True)
@@ -284,18 +332,45 @@ class BatchIngest(Service):
         group keeps this member and nothing new is fetched; resume after."""
         task = asyncio.ensure_future(aw)
         started = time.monotonic()
+        source = f"hold-{id(task)}"
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=0.25)
                 if done:
                     return task.result()
-                if self.health.of("database") != READY or time.monotonic() - started >= _HOLD_AFTER_S:
+                held = time.monotonic() - started
+                if held >= _HOLD_AFTER_S:
+                    self._mark_stall(source, held)
+                    await self._poll_paused()
+                elif self.health.of("database") != READY:
                     await self._poll_paused()
         except asyncio.CancelledError:
             task.cancel()
             raise
         finally:
+            for part in ("database", "broker"):
+                self.health.clear(part, source)
             self._resume()
+
+    def _mark_stall(self, source: str, held: float) -> None:
+        """The batch in hand has been held ``held`` s with no error to show
+        for it: not "ready" either. The database when one of its attempts is
+        what waits (a frozen server, a dead route, a long lock wait); else the
+        broker (the batch's alerts and dead letters go out after its commit),
+        unless a wait between database retries reports the database already."""
+        waiting, what = max((p.sink.waiting() for p in self.pipelines.values()), default=(0.0, ""))
+        if waiting >= _HOLD_AFTER_S:
+            self.health.clear("broker", source)
+            self.health.set("database", DEGRADED,
+                            f"{what} has waited {waiting:.0f}s for an answer; partitions paused", source)
+            return
+        self.health.clear("database", source)
+        if self.health.of("database") != READY:
+            self.health.clear("broker", source)
+            return
+        self.health.set("broker", DEGRADED, f"the batch in hand has not gone through for {held:.0f}s, waiting on no"
+                                            " database attempt (its alerts or dead letters to publish); partitions"
+                                            " paused", source)
 
     async def _poll_paused(self) -> None:
         consumer = self.consumer
@@ -441,8 +516,10 @@ class BatchIngest(Service):
             return {}
         ends = await asyncio.wait_for(consumer.end_offsets(candidates), self.settings.worker.broker_timeout_s)
         found = {}
+        limit = self.settings.worker.broker_timeout_s
         for tp in candidates:
-            position = await consumer.position(tp)
+            # position() waits for as long as the position is being reset (a broker that does not answer)
+            position = await asyncio.wait_for(consumer.position(tp), limit)
             if position >= max(ends.get(tp, 0), consumer.highwater(tp) or 0):
                 continue
             good, unreadable = await self._read_raw(tp, position)
@@ -478,6 +555,7 @@ class BatchIngest(Service):
             raise KafkaError(f"the raw fetch of {tp} at offset {offset} returned nothing")
         records = MemoryRecords(raw)
         good: list[IncomingMessage] = []
+        covered = False  # a whole batch reaching past ``offset`` was read
         while records.has_next():
             try:
                 batch = records.next_batch()
@@ -489,6 +567,7 @@ class BatchIngest(Service):
                 break
             if batch.next_offset <= offset:
                 continue
+            covered = True
             start = max(getattr(batch, "base_offset", offset), offset)
             try:
                 if not batch.validate_crc():
@@ -502,6 +581,13 @@ class BatchIngest(Service):
                 continue
             good.extend(IncomingMessage(tp.topic, tp.partition, r.offset, r.timestamp, r.key, r.value)
                         for r in decoded)
+        if not covered and (short := _cut_short(raw)) is not None:
+            # Bytes came, but not one whole batch at the offset: aiokafka says
+            # RecordTooLargeError, steps one offset, is rewound, and would meet
+            # it again forever. A broker that follows KIP-74 (Kafka, Tansu)
+            # sends a whole first batch whatever its size, so its length field
+            # is corrupt; where it really ends is unknown: one offset at a time.
+            return good, _Unreadable(offset, offset + 1, f"record batch at offset {offset} never comes whole ({short})")
         return good, None
 
     def _deadletters(self, tp: TopicPartition, u: _Unreadable) -> PreparedBatch:

@@ -4,8 +4,13 @@ The outage tests put it between a worker and the machine's PostgreSQL (which
 others share, so it is never stopped): ``cut("refuse")`` resets every
 forwarded connection and stops listening (connection refused, like a
 database that is down or restarting); ``cut("blackhole")`` keeps accepting
-but forwards nothing (a network that drops packets: only timeouts help);
-``restore()`` forwards again on the same port.
+but forwards nothing (a network that drops packets: only timeouts help):
+connections open at the cut stay open and their bytes are swallowed (each
+end's TCP still acknowledges, as behind a middlebox or in front of a frozen
+server, so keepalives and ``tcp_user_timeout`` never fire), and new ones are
+accepted and never answered; ``restore()`` forwards again on the same port
+and resets the connections that lost bytes meanwhile (their streams are
+broken), as a healed route shows a client.
 """
 
 from __future__ import annotations
@@ -43,8 +48,9 @@ class TcpProxy:
         self.mode: Literal["forward", "refuse", "blackhole"] = "forward"
         self._lock = threading.Lock()
         self._sel = selectors.DefaultSelector()
-        self._pairs: dict[socket.socket, socket.socket] = {}  # each end -> the other
+        self._pairs: dict[socket.socket, Optional[socket.socket]] = {}  # each end -> the other (None: closed)
         self._held: list[socket.socket] = []  # accepted while blackholed
+        self._lost: set[socket.socket] = set()  # forwarded ends whose bytes a blackhole swallowed
         self._listener: Optional[socket.socket] = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
@@ -104,8 +110,11 @@ class TcpProxy:
                 self._listener = None
         elif self._listener is None:
             self._listen(self.port)
-        if self._stop or mode != "forward":
+        if self._stop or mode == "refuse":
             for sock in list(self._pairs):
+                self._drop(sock)
+        if self._stop or mode == "forward":
+            for sock in list(self._lost):
                 self._drop(sock)
         if self._stop or mode != "blackhole":
             for sock in self._held:
@@ -117,6 +126,7 @@ class TcpProxy:
         for s in (sock, other):
             if s is not None:
                 self._pairs.pop(s, None)
+                self._lost.discard(s)
                 try:
                     self._sel.unregister(s)
                 except (KeyError, ValueError):
@@ -160,16 +170,34 @@ class TcpProxy:
         self.accepted += 1
 
     def _pump(self, sock: socket.socket) -> None:
-        other = self._pairs.get(sock)
-        if other is None:
+        if sock not in self._pairs:
             return
+        other = self._pairs[sock]
+        with self._lock:
+            mode = self.mode
         try:
             data = sock.recv(65536)
-            if data:
+        except OSError:
+            data = b""  # reset by its peer: like a close
+        if mode == "blackhole":
+            if data:  # swallowed: read (so TCP acknowledges it), never delivered
+                self._lost.update(s for s in (sock, other) if s is not None)
+                return
+            # This end closed; its FIN is lost too: the other end hears nothing until restore().
+            self._sel.unregister(sock)
+            self._pairs.pop(sock, None)
+            self._lost.discard(sock)
+            sock.close()
+            if other is not None:
+                self._pairs[other] = None
+                self._lost.add(other)
+            return
+        if data and other is not None:
+            try:
                 other.setblocking(True)  # small local volumes: a blocking send keeps this simple
                 other.sendall(data)
                 other.setblocking(False)
                 return
-        except OSError:
-            pass
+            except OSError:
+                pass
         self._drop(sock)

@@ -11,6 +11,9 @@ A refused connection carries no SQLSTATE, so there the server's words decide
 (a missing database or role, failed authentication: configuration).
 A row's own bad content (class 22/23) is deterministic too, but the pipeline
 catches it first (``infra.db.sink.ROW_REJECTED``) and dead-letters the row.
+An attempt the server never answers (frozen, or a route that swallows the
+bytes while TCP still acknowledges them) carries no error at all: the sink
+abandons it at its own limit (:class:`AttemptTimeout`, transient).
 """
 
 from __future__ import annotations
@@ -23,7 +26,13 @@ import psycopg
 
 from infra.errors import SinkBackpressure
 
-__all__ = ["Failure", "classify", "describe", "RETRY_REASONS"]
+__all__ = ["Failure", "AttemptTimeout", "classify", "describe", "RETRY_REASONS"]
+
+
+class AttemptTimeout(Exception):
+    """A database attempt got no answer within the sink's client-side limit
+    (statement_timeout + connect_timeout + a margin) and was abandoned, its
+    connection dropped. Not a ``TimeoutError``: that would read as the broker's."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,9 @@ _TRANSIENT_STATES = {
     "55P03": "lock_timeout",  # lock_not_available: lock_timeout ran out
     "57014": "statement_timeout",  # query_canceled: statement_timeout ran out
     "25006": "read_only",  # a standby answers: the address is failing over to a new primary
+    # The server ended a session left idle in its transaction past the limit
+    # the sink sets (an attempt it abandoned, or a stalled client): a new one will do.
+    "25P03": "idle_in_transaction_timeout",
 }
 _TRANSIENT_CLASSES = {"08": "connection", "40": "rollback"}
 _DETERMINISTIC_STATES = {"53100": "disk_full", "53200": "out_of_memory"}
@@ -57,7 +69,8 @@ _MISCONFIGURED = re.compile(
     r"FATAL:.*(password authentication failed|authentication failed|does not exist|no pg_hba\.conf entry"
     r"|permission denied|is not permitted to log in)", re.S)
 # The labels artwatch_infra_db_retries_total can carry.
-RETRY_REASONS = ("connection", "backpressure", "rollback", *sorted(set(_TRANSIENT_STATES.values())))
+RETRY_REASONS = ("connection", "backpressure", "rollback", "attempt_timeout",
+                 *sorted(set(_TRANSIENT_STATES.values())))
 
 
 def classify(exc: BaseException) -> Failure:
@@ -75,9 +88,13 @@ def classify(exc: BaseException) -> Failure:
     Failure(transient=True, reason='connection', sqlstate=None)
     >>> classify(psycopg.OperationalError('failed: FATAL:  database "x" does not exist'))
     Failure(transient=False, reason='configuration', sqlstate=None)
+    >>> classify(AttemptTimeout("no answer within 67s"))
+    Failure(transient=True, reason='attempt_timeout', sqlstate=None)
     """
     if isinstance(exc, SinkBackpressure):
         return Failure(True, "backpressure")
+    if isinstance(exc, AttemptTimeout):
+        return Failure(True, "attempt_timeout")
     if isinstance(exc, psycopg.Error):
         state = exc.sqlstate
         if state is None:

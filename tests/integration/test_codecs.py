@@ -209,3 +209,121 @@ def test_a_corrupt_batch_is_dead_lettered_by_its_offsets(broker, tmp_path: Path,
     _assert_stored_once(dsn, before + after + others + more, "around a corrupt batch")
     log_text = worker.log_path.read_text(errors="replace")
     assert log_text.count("dead-lettered as corrupt_batch") == 1, _log_tail(worker)
+
+
+# -- a batch that never comes whole (aiokafka's RecordTooLargeError) --------------------
+#
+# Tansu cannot be made to serve one: it parses every batch it is sent (a
+# produce request with a wrong length field is refused) and writes each
+# batch's length field itself when it serves a fetch (a stored object with a
+# wrong one is re-framed, or the connection is closed); and it sends a whole
+# first batch whatever the fetch size (KIP-74). So the engine's probe is
+# driven here by a stand-in for the consumer that answers the raw fetch with
+# such bytes, as a broker with damaged storage would.
+
+
+class _Consumer:
+    """Just enough of AIOKafkaConsumer for the engine's unreadable-batch probe:
+    one partition, whose raw fetch answers ``raw`` whatever the offset."""
+
+    def __init__(self, tp, raw: bytes, end: int, position_hangs: bool = False) -> None:
+        from types import SimpleNamespace
+
+        self.tp, self.raw, self.end, self.position_hangs = tp, raw, end, position_hangs
+        self.pos = 0
+        self.fetched_at: list[int] = []
+        self._client = SimpleNamespace(cluster=SimpleNamespace(leader_for_partition=lambda tp: 1), send=self._send)
+
+    def assignment(self) -> set:
+        return {self.tp}
+
+    def paused(self) -> set:
+        return set()
+
+    def seek(self, tp, offset: int) -> None:
+        self.pos = offset
+
+    async def committed(self, tp):
+        return None
+
+    async def seek_to_beginning(self, tp) -> None:
+        self.pos = 0
+
+    async def end_offsets(self, tps) -> dict:
+        return {self.tp: self.end}
+
+    def highwater(self, tp) -> int:
+        return self.end
+
+    async def position(self, tp) -> int:
+        if self.position_hangs:  # aiokafka's position() waits as long as the position is being reset
+            await asyncio.Event().wait()
+        return self.pos
+
+    async def _send(self, node, request):
+        from types import SimpleNamespace
+
+        self.fetched_at.append(request.topics[0][1][0][1])
+        return SimpleNamespace(topics=[(self.tp.topic, [(self.tp.partition, 0, self.end, self.raw)])])
+
+
+def _engine(tmp_path: Path, consumer: _Consumer, received: int):
+    from prometheus_client import CollectorRegistry
+
+    from infra.metrics import build_metrics
+    from infra.settings import Settings
+    from streams.batch_ingest import BatchIngest
+
+    settings = Settings(database_url="postgresql://nobody@127.0.0.1:1/none", data_dir=tmp_path,
+                        worker={"broker_timeout_s": 0.5})
+    engine = BatchIngest(settings, {}, build_metrics(CollectorRegistry()),
+                         on_fatal=lambda reason, exc: pytest.fail(f"{reason}: {exc}"))
+    engine.consumer = consumer
+    engine._received = {consumer.tp: received}
+    return engine
+
+
+async def test_a_batch_that_never_comes_whole_is_dead_lettered_one_offset_at_a_time(tmp_path: Path) -> None:
+    """Offsets 2-3 are one batch whose length field reaches past the bytes a
+    fetch brings: aiokafka raises RecordTooLargeError at offset 2 on every
+    fetch. The probe dead-letters offset 2 (corrupt_batch, saying why) and
+    moves on to 3, where the same batch is met again and 3 is dead-lettered;
+    never "fetch failed; trying again" forever."""
+    from aiokafka import TopicPartition
+    from aiokafka.errors import RecordTooLargeError
+
+    tp = TopicPartition("sales", 0)
+    raw = bytearray(_record_batch([b"x" * 50, b"y" * 50]))
+    struct.pack_into(">q", raw, 0, 2)  # base offset 2 (not under the CRC)
+    struct.pack_into(">i", raw, 8, struct.unpack_from(">i", raw, 8)[0] + 1000)  # the corrupt length field
+    consumer = _Consumer(tp, bytes(raw), end=4)
+    engine = _engine(tmp_path, consumer, received=2)
+    for offset in (2, 3):
+        records, unreadable = await asyncio.wait_for(
+            engine._after_failed_fetch(RecordTooLargeError(f"{tp}={offset}")), 10)
+        assert not records.get(tp), records
+        assert list(unreadable) == [tp], unreadable
+        u = unreadable[tp]
+        assert (u.start, u.end) == (offset, offset + 1), u
+        assert f"record batch at offset {offset} never comes whole" in u.error and "declares" in u.error, u.error
+        assert consumer.pos == offset + 1 and consumer.fetched_at[-1] == offset
+        letter = engine._deadletters(tp, u).dead[0]
+        assert (letter.topic, letter.partition, letter.offset, letter.reason) == ("sales", 0, offset, "corrupt_batch")
+        engine._received[tp] = u.end  # as the consume loop records it
+    assert engine.health.of("broker") == "ready"
+
+
+async def test_a_position_query_without_an_answer_is_bounded(tmp_path: Path) -> None:
+    """The probe's position() query is limited by broker_timeout_s: a broker
+    that does not answer makes it a failed fetch (broker degraded, tried again
+    later), not a hang of the consume loop."""
+    from aiokafka import TopicPartition
+    from aiokafka.errors import RecordTooLargeError
+
+    tp = TopicPartition("sales", 0)
+    engine = _engine(tmp_path, _Consumer(tp, b"", end=4, position_hangs=True), received=2)
+    started = time.monotonic()
+    records, unreadable = await asyncio.wait_for(engine._after_failed_fetch(RecordTooLargeError("x")), 10)
+    assert (records, unreadable) == ({}, {})
+    assert time.monotonic() - started < 5
+    assert engine.health.of("broker") == "degraded"
