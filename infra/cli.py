@@ -130,7 +130,8 @@ def _cmd_eval(settings: Settings, args: argparse.Namespace) -> int:
     sales = args.sales or Path(str(resources.files("streams.replay") / "data" / "cryptopunks_sales.csv"))
     print(f"evaluating the trend-break detectors on {sales} (tune seed {args.seed_tune},"
           f" report seed {args.seed_report}; about half a minute)", file=sys.stderr)
-    result = evaluate(sales, seed_tune=args.seed_tune, seed_report=args.seed_report)
+    result = evaluate(sales, seed_tune=args.seed_tune, seed_report=args.seed_report, limit=args.limit,
+                      **({"count": args.count} if args.count else {}))
     text = json.dumps(result, indent=None if args.json else 2, default=str)
     if args.out:
         args.out.write_text(text + "\n")
@@ -210,6 +211,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seed-tune", type=int, default=1, help="injection seed each detector's setting is chosen on")
     e.add_argument("--seed-report", type=int, default=5, help="injection seed the figures are reported on")
     e.add_argument("--out", type=Path, default=None, help="also write the report (JSON) to this file")
+    e.add_argument("--limit", type=_positive(int), default=None, help="only the first N sales (a quick look)")
+    e.add_argument("--count", type=_positive(int), default=None, help="injection points per factor")
     e.add_argument("--json", action="store_true", help="print one JSON line")
     e.set_defaults(func=_cmd_eval)
     return p

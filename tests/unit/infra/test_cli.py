@@ -76,3 +76,22 @@ def test_an_unusable_data_folder_is_one_line(monkeypatch, capsys, tmp_path, keep
     assert main(["stack", "up"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("artwatch: [Errno 20] Not a directory") and "Traceback" not in err, err
+
+
+def test_eval_detectors_writes_its_report(tmp_path, capsys):
+    """The command behind the detectors' evaluation: tuned and reported on
+    different seeds, the JSON printed and written (a small subset here)."""
+    import json
+
+    out = tmp_path / "report.json"
+    assert main(["eval", "detectors", "--json", "--limit", "1800", "--count", "4", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == printed
+    for key in ("drift_detected_share", "drift_delay_median", "false_alarms_per_10k", "spurious_alarms_per_10k"):
+        assert key in printed and key in printed["detectors"]["baseline"]
+    assert printed["default"] in printed["detectors"]
+
+
+def test_eval_detectors_refuses_to_report_on_its_tuning_seed(capsys):
+    assert main(["eval", "detectors", "--seed-tune", "3", "--seed-report", "3"]) == 1
+    assert "must differ" in capsys.readouterr().err
