@@ -214,7 +214,7 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "infra.cli", "worker", "--parent-pid", str(os.getpid())],
+                [sys.executable, "-m", "artwatch.cli", "worker", "--parent-pid", str(os.getpid())],
                 env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         return self

@@ -39,7 +39,7 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 def _artwatch(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "infra.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "artwatch.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
         timeout=timeout, stdin=subprocess.DEVNULL,
     )
 
@@ -94,7 +94,7 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 def _demo_until_worker_starts(env: dict[str, str]) -> tuple[subprocess.Popen, int, list[str]]:
     """Start the demo; return it, its worker's pid and its stderr lines so far (still being read)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "infra.cli", "demo", "--events", "3000"], cwd=REPO, env=env,
+        [sys.executable, "-m", "artwatch.cli", "demo", "--events", "3000"], cwd=REPO, env=env,
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     lines: list[str] = []

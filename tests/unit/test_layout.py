@@ -1,9 +1,9 @@
 """Package layout: dependencies point one way, and every package says what it is.
 
-streams -> alerts -> infra, models -> infra. Nothing below streams imports it;
-the command line (infra/cli.py, the composition root until it moves out of
-infra) is the one place that reaches up, to streams and models, and only
-lazily inside the function of each command.
+artwatch (the composition root: the command line) -> streams -> alerts ->
+infra, models -> infra. infra imports none of the others; nothing imports
+artwatch, and its command line imports what a command runs lazily, inside the
+function of each command.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("infra", "streams", "models", "alerts")
+PACKAGES = ("artwatch", "infra", "streams", "models", "alerts")
 # package -> first-party packages it must never import
 FORBIDDEN = {
-    "infra": {"streams", "alerts", "models"},
-    "models": {"streams", "alerts"},
-    "alerts": {"streams"},
+    "infra": {"artwatch", "streams", "alerts", "models"},
+    "models": {"artwatch", "streams", "alerts"},
+    "alerts": {"artwatch", "streams"},
+    "streams": {"artwatch"},
 }
-LAZY_STREAMS_OK = {"infra/cli.py"}
 
 
 def modules(package: str) -> list[Path]:
@@ -88,16 +88,14 @@ def test_dependency_direction(package):
             top = _top(module)
             if top not in FORBIDDEN[package]:
                 continue
-            if rel in LAZY_STREAMS_OK and top in ("streams", "models") and in_function:
-                continue
             bad.append(f"{rel}:{line} imports {module}" + (" (at module level)" if not in_function else ""))
     assert not bad, "dependency direction violated:\n" + "\n".join(bad)
 
 
 def test_cli_imports_streams_only_lazily():
-    cli = ROOT / "infra/cli.py"
+    cli = ROOT / "artwatch/cli.py"
     streams_imports = [(m, f, n) for m, f, n in imported(cli) if _top(m) == "streams"]
-    assert streams_imports, "infra/cli.py is expected to start the streams commands"
+    assert streams_imports, "artwatch/cli.py is expected to start the streams commands"
     assert all(in_function for _, in_function, _ in streams_imports), streams_imports
 
 

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from infra.cli import _parser, main
+from artwatch.cli import _parser, main
 from tests.conftest import free_port
 
 

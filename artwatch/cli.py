@@ -1,5 +1,6 @@
 """The ``artwatch`` command line: the one place that builds Settings and the
-only module that imports streams (lazily, per command)."""
+composition root above infra, models, streams and alerts (each command
+imports what it runs lazily, so ``artwatch --help`` stays fast)."""
 
 from __future__ import annotations
 
